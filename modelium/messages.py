@@ -43,6 +43,8 @@ class MemoryEstimate(msgspec.Struct, frozen=True, kw_only=True):
     kv_cache: int = 0
     total: int = 0
     notes: str = ""
+    context_tokens: int = 0  # tokens per sequence the KV budget is sized for (0: no KV cache)
+    concurrency: int = 0  # sequences the KV budget is sized for
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +72,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     license: str = ""
     tags: list[str] = []
     notes: list[str] = []
+    dtype: str = ""  # torch dtype the weights load as ("bfloat16", ...); "" when unknown
+    trust_remote_code: bool = False  # the model needs its own code (auto_map) and it was allowed
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,6 +366,7 @@ class RunnerReady(_Msg, frozen=True, kw_only=True):
 
 class RunnerGone(_Msg, frozen=True, kw_only=True):
     model: str
+    runner: Any = None  # when set, only this runner is forgotten (not a newer one)
 
 
 class FailQueued(_Msg, frozen=True, kw_only=True):

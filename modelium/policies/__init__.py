@@ -1,0 +1,28 @@
+"""Brain policies: pure functions of the log. ``make_policy(name, settings)`` builds one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelium.policies.base import ClusterView, Policy
+from modelium.policies.lru import LRUPolicy
+
+POLICIES: dict[str, type] = {LRUPolicy.name: LRUPolicy}
+
+
+class UnknownPolicy(ValueError):
+    pass
+
+
+def make_policy(name: str, settings: dict[str, Any] | None = None) -> Policy:
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise UnknownPolicy(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+    try:
+        return cls(**(settings or {}))
+    except TypeError as e:
+        raise UnknownPolicy(f"bad settings for policy {name!r}: {e}") from None
+
+
+__all__ = ["POLICIES", "ClusterView", "LRUPolicy", "Policy", "UnknownPolicy", "make_policy"]

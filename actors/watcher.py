@@ -1,0 +1,94 @@
+"""The watcher: scans the models folders and says what appeared, changed or went away.
+
+Every ``interval_s`` it lists the model folders (stats only, in a thread), compares their
+fingerprints with what it already reported, and analyses (in a thread) what is new or changed:
+``ModelDiscovered`` / ``ModelChanged`` carry the analysed spec, ``ModelInvalid`` the reason,
+``ModelRemoved`` a folder that vanished. A folder whose files changed less than ``settle_s`` ago
+is still being copied and waits for the next scan. What it already reported is rebuilt from the
+registry when it starts, so a restart does not rediscover unchanged models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import trio
+
+from actors.core import Actor
+from modelium.analysis import AnalysisOptions, FolderState, Invalid, analyse, diff, scan_root
+from modelium.messages import ModelChanged, ModelDiscovered, ModelInvalid, ModelRemoved
+from storage.eventlog import EventLog
+from storage.registry import State
+
+log = logging.getLogger("modelium.watcher")
+
+
+def scan_roots(roots: list[Path]) -> tuple[dict[str, FolderState], dict[str, Path]]:
+    """All candidate folders of ``roots``; on a name clash the first root wins."""
+    found: dict[str, FolderState] = {}
+    root_of: dict[str, Path] = {}
+    for root in roots:
+        for name, st in scan_root(root).items():
+            if name in found:
+                log.warning("model %s in %s is hidden by the one in %s", name, root, root_of[name])
+                continue
+            found[name] = st
+            root_of[name] = root
+    return found, root_of
+
+
+class Watcher(Actor):
+    name = "watcher"
+
+    def __init__(self, log: EventLog, registry: State, roots: list[Path], *, interval_s: float = 2.0,
+                 settle_s: float = 1.0, options: AnalysisOptions = AnalysisOptions()):
+        super().__init__()
+        self.log = log
+        self.registry = registry
+        self.roots = [Path(r) for r in roots]
+        self.interval_s = interval_s
+        self.settle_s = settle_s
+        self.options = options
+        self.known: dict[str, str] = {}
+        self.scans = 0
+
+    async def on_start(self) -> None:
+        self.known = {name: m.fingerprint for name, m in self.registry.models.items() if not m.removed}
+
+    async def background(self) -> None:
+        while True:
+            await self.scan_once()
+            await trio.sleep(self.interval_s)
+
+    async def handle(self, msg, reply):
+        raise TypeError(f"the watcher takes no messages ({type(msg).__name__})")
+
+    async def scan_once(self) -> None:
+        found, root_of = await trio.to_thread.run_sync(scan_roots, self.roots)
+        added, changed, removed = diff(self.known, {n: s.fingerprint for n, s in found.items()})
+        now = time.time()
+        for name in added + changed:
+            st = found[name]
+            if now - st.newest_mtime < self.settle_s:
+                continue  # still being written; look again next scan
+            result = await trio.to_thread.run_sync(
+                lambda: analyse(Path(st.path), name=name, root=root_of[name], options=self.options))
+            if isinstance(result, Invalid):
+                log.warning("model %s is invalid: %s", name, result.reason)
+                self.log.publish(ModelInvalid(model=name, path=result.path, reason=result.reason,
+                                              fingerprint=result.fingerprint))
+            else:
+                entry = self.registry.models.get(name)
+                if entry is not None and entry.spec is not None:
+                    self.log.publish(ModelChanged(model=name, spec=result))
+                else:
+                    log.info("model %s discovered: %s, %s", name, result.architecture, result.task)
+                    self.log.publish(ModelDiscovered(model=name, spec=result))
+            self.known[name] = st.fingerprint
+        for name in removed:
+            self.log.publish(ModelRemoved(model=name, path=self.registry.models[name].path
+                                          if name in self.registry.models else ""))
+            del self.known[name]
+        self.scans += 1

@@ -1,0 +1,3 @@
+from modelium.cli import main
+import sys
+sys.exit(main())

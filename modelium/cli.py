@@ -1,0 +1,178 @@
+"""The ``modelium`` command.
+
+  modelium serve [--models DIR] [--db FILE] [--host H] [--port P] [--config FILE] ...
+  modelium demo-model DIR [--family llama|gpt2|bert-cls|t5]
+  modelium replay DB [--json]
+  modelium events DB [--since N] [--type T] [--model M] [--limit N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+
+from modelium.config import ConfigError, load_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from modelium.system import run_system
+    from storage.eventlog import LogError
+
+    overrides = {
+        "models_dirs": args.models, "db": args.db, "host": args.host, "port": args.port,
+        "cpu_memory": args.cpu_memory, "keep_alive_s": args.keep_alive, "fake_gpus": args.fake_gpus,
+        "spare_workers": args.spare_workers, "log_level": args.log_level,
+    }
+    try:
+        settings = load_settings(config_file=args.config, overrides=overrides)
+    except ConfigError as e:
+        print(f"modelium: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for d in settings.models_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            system = await n.start(run_system, settings)
+            print(f"Modelium {system.address} · models from {', '.join(map(str, settings.models_dirs))} "
+                  f"· log {settings.db}", file=sys.stderr, flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    logging.getLogger("modelium").info("%s: shutting down", signal.Signals(signum).name)
+                    n.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        pass
+    except BaseException as exc:  # noqa: BLE001 - known errors get one clear line, others a traceback
+        known = _find(exc, (LogError, ConfigError, OSError))
+        if known is None:
+            raise
+        print(f"modelium: {known}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _find(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
+    """The first exception of ``types`` in ``exc`` (looking inside exception groups)."""
+    if isinstance(exc, types):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, types)
+            if found is not None:
+                return found
+    return None
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from modelium.demo import FAMILIES, write_tiny_model
+
+    if args.family not in FAMILIES:
+        print(f"modelium: unknown family {args.family!r}; choose one of {', '.join(FAMILIES)}", file=sys.stderr)
+        return 2
+    path = write_tiny_model(args.dir, args.family, seed=args.seed)
+    print(f"wrote a tiny {args.family} model (random weights) to {path}")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from replay.incident import replay_decisions
+    from storage.eventlog import LogError, read_events
+
+    try:
+        report = replay_decisions(read_events(args.db))
+    except LogError as e:
+        print(f"modelium: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _events(args: argparse.Namespace) -> int:
+    from storage.eventlog import LogError, read_events
+
+    try:
+        shown = 0
+        for seq, event in read_events(args.db, since=args.since, types=args.type, model=args.model):
+            body = msgspec.to_builtins(event)
+            if args.json:
+                print(json.dumps({"seq": seq, **body}))
+            else:
+                kind = body.pop("type")
+                ts = body.pop("ts")
+                rest = " ".join(f"{k}={v}" for k, v in body.items() if k not in ("spec",))
+                print(f"{seq:>8} {ts:.3f} {kind:<16} {rest}")
+            shown += 1
+            if args.limit and shown >= args.limit:
+                break
+    except LogError as e:
+        print(f"modelium: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelium", description="Serve many models on few GPUs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--models", action="append", type=Path, default=None,
+                   help="a models folder (repeatable; default ./models)")
+    s.add_argument("--db", type=Path, help="the event log file (default ./modelium.db)")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8000)")
+    s.add_argument("--config", type=Path, help="a YAML settings file (default ./modelium.yaml if present)")
+    s.add_argument("--cpu-memory", help="memory Modelium may use on the CPU, e.g. 8GiB (default: half the RAM)")
+    s.add_argument("--keep-alive", type=float, help="seconds an idle model stays loaded (default 300)")
+    s.add_argument("--fake-gpus", help="pretend to have GPUs, e.g. 2x24GiB (models run on the CPU)")
+    s.add_argument("--spare-workers", type=int, help="warm worker processes kept ready (default 1)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(fn=_serve)
+
+    d = sub.add_parser("demo-model", help="write a tiny real model (random weights) into a folder")
+    d.add_argument("dir", type=Path)
+    d.add_argument("--family", default="llama")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=_demo_model)
+
+    r = sub.add_parser("replay", help="re-run the logged policy over a log; report reproduced decisions")
+    r.add_argument("db", type=Path)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=_replay)
+
+    e = sub.add_parser("events", help="print the event log")
+    e.add_argument("db", type=Path)
+    e.add_argument("--since", type=int, default=0)
+    e.add_argument("--type", action="append")
+    e.add_argument("--model")
+    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=_events)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

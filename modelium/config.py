@@ -1,0 +1,149 @@
+"""Settings: built-in defaults < ``modelium.yaml`` < ``MODELIUM_*`` environment < CLI flags.
+
+Every setting works with no config file at all. Memory sizes accept ``512MiB``, ``4GB`` or a
+number of bytes. A bad value is a :class:`ConfigError` that names the setting, where it came
+from and what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from modelium.hardware import parse_bytes
+
+ENV_PREFIX = "MODELIUM_"
+DEFAULT_CONFIG_FILE = "modelium.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    models_dirs: list[Path] = Field(default_factory=lambda: [Path("models")])
+    db: Path = Path("modelium.db")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # devices
+    cpu_memory: int | None = None  # bytes Modelium may use on the CPU (default: half the RAM)
+    gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
+    fake_gpus: str | None = None  # e.g. "2x24GiB": fake GPUs for trying placement without one
+    use_gpus: bool = True
+
+    # the brain
+    policy: str = "lru"
+    keep_alive_s: float = Field(300.0, ge=0)
+    retry_failed_s: float = Field(30.0, ge=0)
+    tick_s: float = Field(5.0, gt=0)
+
+    # the watcher and analysis
+    scan_interval_s: float = Field(2.0, gt=0)
+    settle_s: float = Field(1.0, ge=0)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    context_tokens: int | None = Field(None, gt=0)
+    concurrency: int = Field(1, ge=1)
+    runtime_overhead: int = 384 * 2**20
+
+    # requests and runners
+    request_timeout_s: float = Field(300.0, gt=0)
+    max_inflight: int = Field(8, ge=1)
+    drain_s: float = Field(30.0, ge=0)
+    spare_workers: int = Field(1, ge=0)
+
+    # the event log
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("cpu_memory", "runtime_overhead", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> Any:
+        if v is None or isinstance(v, int):
+            return v
+        try:
+            return parse_bytes(v)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("models_dirs", mode="before")
+    @classmethod
+    def _dirs(cls, v: Any) -> Any:
+        if isinstance(v, (str, Path)):
+            return [p for p in str(v).split(os.pathsep) if p]
+        return v
+
+    @field_validator("synchronous", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+FIELDS = set(Settings.model_fields)
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name in FIELDS:
+            out[name] = value
+    return out
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    unknown = sorted(set(data) - FIELDS)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return data
+
+
+def load_settings(
+    *,
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the sources (later wins) and validate. ``config_file`` None: ./modelium.yaml if present."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    path = Path(config_file) if config_file is not None else Path(DEFAULT_CONFIG_FILE)
+    if config_file is not None or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        for k, v in _from_file(path).items():
+            merged[k], sources[k] = v, str(path)
+    for k, v in _from_env(env).items():
+        merged[k], sources[k] = v, f"${ENV_PREFIX}{k.upper()}"
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            merged[k], sources[k] = v, "the command line"
+    try:
+        return Settings(**merged)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            field = ".".join(str(x) for x in err["loc"]) or "?"
+            top = str(err["loc"][0]) if err["loc"] else ""
+            problems.append(f"{field} (from {sources.get(top, 'defaults')}): {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,71 @@
+"""What a brain policy is, and what it sees.
+
+A policy is pure: ``decide(view, trigger) -> [Decision]``. Its only clock is ``trigger.ts``; it
+does no I/O and keeps no state between calls other than its settings, so that replaying a log
+through it reproduces its decisions exactly. The view is the registry fold of the log up to and
+including the trigger, plus the brain's own earlier decisions (see ``storage.decider``).
+
+The view is described structurally (``ClusterView``) so that this layer does not import the
+storage layer that implements it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from modelium.messages import Decision, Evict, Event, Load, ModelSpec, Reject
+
+__all__ = ["ClusterView", "Decision", "DeviceView", "Evict", "Load", "ModelView", "Policy", "Reject",
+           "needed_bytes"]
+
+
+class ModelView(Protocol):
+    name: str
+    spec: ModelSpec | None
+    state: str  # discovered | loading | ready | unloading | unloaded | failed | invalid
+    reason: str
+    device: str | None
+    bytes: int
+    pending: Mapping[str, int]
+    last_used: float
+    failures: int
+    failed_at: float
+    crashes: int
+    stale: bool
+    removed: bool
+
+    @property
+    def waiting(self) -> list[int]: ...
+
+
+class DeviceView(Protocol):
+    name: str
+    kind: str
+    total_bytes: int
+    budget_bytes: int
+
+
+class ClusterView(Protocol):
+    seq: int
+    ts: float
+    models: Mapping[str, ModelView]
+    devices: Mapping[str, DeviceView]
+
+    def used_bytes(self, device: str) -> int: ...
+
+
+class Policy(Protocol):
+    name: str
+
+    @property
+    def settings(self) -> dict[str, Any]: ...
+
+    def decide(self, view: ClusterView, trigger: Event) -> list[Decision]: ...
+
+
+def needed_bytes(spec: ModelSpec) -> int:
+    """Memory a model needs once loaded: the analysis estimate, else its weights."""
+    if spec.estimate is not None and spec.estimate.total > 0:
+        return spec.estimate.total
+    return spec.weight_bytes

@@ -1,0 +1,132 @@
+"""The default policy: load on demand, evict the least recently used idle model when memory is
+short, unload models idle for longer than the keep-alive.
+
+On every trigger it reconciles the whole view, in this order:
+
+1. resident models whose folder vanished or whose files changed are evicted once idle;
+2. on a ``Tick``, ready models idle for ``keep_alive_s`` or more are evicted;
+3. every model with waiting requests that is not resident is placed: on the first device where
+   it fits; else on the first device where evicting least-recently-used idle models makes room;
+   requests for a model that can fit nowhere, was removed, or failed to load less than
+   ``retry_failed_s`` ago are rejected with the reason. When memory is held by busy or loading
+   models the requests simply keep waiting: a later trigger (a request finishing) places them.
+
+Devices are tried GPUs first, then by name; models by the arrival of their oldest waiting request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelium.hardware import format_bytes
+from modelium.messages import Event, Tick
+from modelium.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needed_bytes
+
+
+class LRUPolicy:
+    name = "lru"
+
+    def __init__(self, keep_alive_s: float = 300.0, retry_failed_s: float = 30.0):
+        if keep_alive_s < 0 or retry_failed_s < 0:
+            raise ValueError("keep_alive_s and retry_failed_s must be >= 0")
+        self.keep_alive_s = float(keep_alive_s)
+        self.retry_failed_s = float(retry_failed_s)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"keep_alive_s": self.keep_alive_s, "retry_failed_s": self.retry_failed_s}
+
+    def decide(self, view: ClusterView, trigger: Event) -> list[Decision]:
+        now = trigger.ts
+        out: list[Decision] = []
+        leaving: set[str] = set()
+        models = sorted(view.models.values(), key=lambda m: m.name)
+
+        def evict(m: ModelView, reason: str) -> None:
+            out.append(Evict(model=m.name, reason=reason))
+            leaving.add(m.name)
+
+        for m in models:
+            if m.state == "ready" and not m.pending and (m.removed or m.stale):
+                evict(m, "model folder removed" if m.removed
+                      else "model files changed; the new version loads on the next request")
+
+        if isinstance(trigger, Tick):
+            for m in models:
+                idle = now - m.last_used
+                if m.state == "ready" and not m.pending and m.name not in leaving and idle >= self.keep_alive_s:
+                    evict(m, f"idle for {idle:.0f} s (keep-alive {self.keep_alive_s:g} s)")
+
+        used = {d: view.used_bytes(d) for d in view.devices}
+        for name in leaving:
+            m = view.models[name]
+            if m.device in used and m.state in ("loading", "ready"):
+                used[m.device] -= m.bytes
+
+        wanting = [m for m in models if m.waiting and m.state in ("discovered", "unloaded", "failed")]
+        wanting.sort(key=lambda m: m.waiting[0])
+        for m in wanting:
+            n = len(m.waiting)
+            if m.removed or m.spec is None:
+                out.append(Reject(model=m.name, reason=f"model {m.name} was removed", through=view.seq, status=404))
+                continue
+            if m.state == "failed" and now - m.failed_at < self.retry_failed_s:
+                out.append(Reject(
+                    model=m.name, through=view.seq, status=503,
+                    reason=(f"model {m.name} failed to load {now - m.failed_at:.0f} s ago ({m.reason}); "
+                            f"it is retried {self.retry_failed_s:g} s after a failure"),
+                ))
+                continue
+            self._place(view, m, n, now, used, leaving, out)
+        return out
+
+    def _place(self, view: ClusterView, m: ModelView, n: int, now: float, used: dict[str, int],
+               leaving: set[str], out: list[Decision]) -> None:
+        need = needed_bytes(m.spec)
+        devices = sorted(view.devices.values(), key=lambda d: (d.kind != "gpu", d.name))
+        if not devices:
+            return
+        for d in devices:
+            free = d.budget_bytes - used[d.name]
+            if need <= free:
+                out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
+                    f"{n} request(s) waiting; needs {format_bytes(need)}, "
+                    f"{format_bytes(free)} free on {d.name}")))
+                used[d.name] += need
+                return
+        for d in devices:
+            if need > d.budget_bytes:
+                continue
+            free = d.budget_bytes - used[d.name]
+            idle = sorted(
+                (x for x in view.models.values()
+                 if x.device == d.name and x.state == "ready" and not x.pending and x.name not in leaving),
+                key=lambda x: (x.last_used, x.name),
+            )
+            chosen: list[ModelView] = []
+            room = free
+            for x in idle:
+                if room >= need:
+                    break
+                chosen.append(x)
+                room += x.bytes
+            if room < need:
+                continue
+            for x in chosen:
+                out.append(Evict(model=x.name, reason=(
+                    f"least recently used idle model on {d.name} (idle {now - x.last_used:.0f} s); "
+                    f"making room for {m.name}, which needs {format_bytes(need)} "
+                    f"with {format_bytes(free)} free")))
+                leaving.add(x.name)
+                used[d.name] -= x.bytes
+            out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
+                f"{n} request(s) waiting; needs {format_bytes(need)}, {format_bytes(room)} free on "
+                f"{d.name} after evicting {', '.join(x.name for x in chosen)}")))
+            used[d.name] += need
+            return
+        biggest = max(devices, key=lambda d: d.budget_bytes)
+        if need > biggest.budget_bytes:
+            out.append(Reject(model=m.name, through=view.seq, status=507, reason=(
+                f"model {m.name} needs {format_bytes(need)} but the largest device budget is "
+                f"{format_bytes(biggest.budget_bytes)} ({biggest.name})")))
+        # otherwise memory is held by busy or loading models: the requests keep waiting

@@ -1,0 +1,160 @@
+"""Builds the actor tree under the root supervisor and serves the API.
+
+Start order: event log (writer task) → registry rebuilt from the log → ``ServerStarted`` →
+allocators (one per device) → worker backend → router → runners (the executor) → brain →
+watcher → ticker → HTTP API. Stopping cancels the tree: runners kill their workers, the log
+commits what is queued and records ``ServerStopped``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+import modelium
+from actors.allocator import Allocator
+from actors.brain import Brain
+from actors.core import Supervisor
+from actors.router import Router
+from actors.runner import Runners
+from actors.ticker import Ticker
+from actors.watcher import Watcher
+from modelium.analysis import AnalysisOptions
+from modelium.backends.hf import HFBackend
+from modelium.config import Settings
+from modelium.hardware import DeviceInfo, detect_devices
+from modelium.messages import ServerStarted, ServerStopped
+from modelium.policies import make_policy
+from storage.eventlog import EventLog, read_events
+from storage.registry import State, apply, fold
+
+log = logging.getLogger("modelium.system")
+
+
+def worker_tag(db: Path) -> str:
+    """Marks the worker processes of the server that owns ``db`` (to find orphans later)."""
+    return "mdl-" + hashlib.sha256(str(Path(db).resolve()).encode()).hexdigest()[:16]
+
+
+def reap_orphans(tag: str) -> list[int]:
+    """Kill worker processes left by an earlier server on the same log (they carry its tag).
+
+    Workers die with their server (parent-death signal, and EOF on their socket); this catches
+    any that did not. Only processes whose command line names the worker module and the tag,
+    and that are not our children, are killed."""
+    killed = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"modelium.backends.hf_worker" in argv and tag.encode() in argv and ppid != me:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    return killed
+
+
+@dataclass
+class System:
+    """Handles to the running parts (the API and tests use them)."""
+
+    settings: Settings
+    log: EventLog
+    registry: State
+    devices: dict[str, DeviceInfo]
+    router: Router
+    runners: Runners
+    brain: Brain
+    watcher: Watcher
+    backend: HFBackend
+    allocators: dict[str, Allocator] = field(default_factory=dict)
+    address: str = ""
+
+
+def open_log(settings: Settings, *, clock=None) -> tuple[EventLog, State]:
+    kwargs = {"synchronous": settings.synchronous}
+    if clock is not None:
+        kwargs["clock"] = clock
+    elog = EventLog(settings.db, **kwargs)
+    try:
+        state = fold(read_events(settings.db))
+    except BaseException:
+        elog.close()
+        raise
+    elog.add_projection(lambda seq, event: apply(state, seq, event))
+    return elog, state
+
+
+async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED, serve_api: bool = True,
+                     clock=None, devices: list[DeviceInfo] | None = None) -> None:
+    """Run Modelium until cancelled. ``task_status.started(system)`` once it accepts requests."""
+    tag = worker_tag(settings.db)
+    elog, registry = await trio.to_thread.run_sync(lambda: open_log(settings, clock=clock))
+    reaped = reap_orphans(tag)
+    if reaped:
+        log.warning("killed %d worker process(es) left by an earlier server: %s", len(reaped), reaped)
+    devs = devices if devices is not None else detect_devices(
+        cpu_budget=settings.cpu_memory, gpu_fraction=settings.gpu_memory_fraction,
+        fake_gpus=settings.fake_gpus, use_gpus=settings.use_gpus)
+    policy = make_policy(settings.policy, {"keep_alive_s": settings.keep_alive_s,
+                                           "retry_failed_s": settings.retry_failed_s})
+    options = AnalysisOptions(
+        allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
+        context_tokens=settings.context_tokens, concurrency=settings.concurrency,
+        gpu_present=any(d.kind == "gpu" and not d.fake for d in devs), vllm_available=False,
+        runtime_overhead_bytes=settings.runtime_overhead,
+    )
+    try:
+        async with trio.open_nursery() as root:
+            await root.start(elog.run)
+            elog.publish(ServerStarted(pid=os.getpid(), version=modelium.__version__,
+                                       models_dirs=[str(p) for p in settings.models_dirs],
+                                       address=f"{settings.host}:{settings.port}"))
+            sup = Supervisor(elog.publish)
+            allocators = {d.name: Allocator(elog, d, registry) for d in devs}
+            for a in allocators.values():
+                sup.start(root, a)
+            backend = HFBackend(spares=settings.spare_workers, tag=tag)
+            await root.start(backend.run)
+            router = sup.start(root, Router(elog, registry))
+            runners = sup.start(root, Runners(elog, registry, devices={d.name: d for d in devs},
+                                              allocators=allocators, router=router, backend=backend,
+                                              grace_s=settings.drain_s, max_inflight=settings.max_inflight))
+            brain = sup.start(root, Brain(elog, registry, policy))
+            watcher = sup.start(root, Watcher(elog, registry, settings.models_dirs,
+                                              interval_s=settings.scan_interval_s, settle_s=settings.settle_s,
+                                              options=options))
+            sup.start(root, Ticker(elog, settings.tick_s))
+            for actor in (router, runners, brain, watcher):
+                await actor.started.wait()
+            system = System(settings=settings, log=elog, registry=registry, devices={d.name: d for d in devs},
+                            router=router, runners=runners, brain=brain, watcher=watcher, backend=backend,
+                            allocators=allocators)
+            if serve_api:
+                from modelium.api.server import serve_http
+
+                system.address = await root.start(serve_http, system)
+            task_status.started(system)
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                elog.publish(ServerStopped(reason="shutdown"))
+                elog.close()
+            except Exception:  # noqa: BLE001 - closing must not hide the original error
+                log.exception("closing the event log failed")

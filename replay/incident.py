@@ -1,0 +1,123 @@
+"""Incident replay: re-run the logged policy over a log, in seq order, and check that it takes
+exactly the decisions the live brain logged.
+
+Every ``BrainStarted`` opens a brain epoch; from there the shared :class:`storage.decider.Decider`
+folds the log and asks the policy named in that event (with its recorded settings) for decisions
+on every event. The computed decisions of each trigger are compared, field for field, with the
+logged decisions carrying that trigger. Decisions computed for the last events of an epoch,
+after the last trigger the live brain is known to have answered, are reported as *unconfirmed*:
+the server stopped (or was killed) before the brain took them or before they were durable.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from modelium.messages import DECISIONS, BrainStarted, Decision, Event
+from modelium.policies import Policy
+from storage.decider import Decider, policy_for
+
+
+@dataclass
+class Mismatch:
+    trigger: int
+    trigger_type: str
+    logged: list[dict]
+    computed: list[dict]
+
+
+@dataclass
+class ReplayReport:
+    events: int = 0
+    epochs: int = 0
+    policies: list[str] = field(default_factory=list)
+    logged: int = 0
+    reproduced: int = 0
+    computed: int = 0
+    unconfirmed: int = 0
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.reproduced / self.logged if self.logged else 1.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and self.reproduced == self.logged
+
+    def to_dict(self) -> dict:
+        d = msgspec.to_builtins(self.__dict__ | {"mismatches": [m.__dict__ for m in self.mismatches]})
+        d["rate"] = self.rate
+        d["ok"] = self.ok
+        return d
+
+    def summary(self) -> str:
+        lines = [
+            f"events replayed:       {self.events}",
+            f"brain epochs:          {self.epochs} (policy: {', '.join(sorted(set(self.policies))) or 'none'})",
+            f"logged decisions:      {self.logged}",
+            f"reproduced exactly:    {self.reproduced} ({100 * self.rate:.1f}%)",
+            f"mismatched triggers:   {len(self.mismatches)}",
+            f"unconfirmed decisions: {self.unconfirmed} (computed after the last answered trigger of an epoch)",
+        ]
+        for mm in self.mismatches[:20]:
+            lines.append(f"  trigger {mm.trigger} ({mm.trigger_type}): logged {mm.logged} computed {mm.computed}")
+        return "\n".join(lines)
+
+
+def _key(d: Decision) -> bytes:
+    return msgspec.msgpack.encode(d)
+
+
+def replay_decisions(
+    events: Iterable[tuple[int, Event]],
+    *,
+    policy_for: Callable[[BrainStarted], Policy] = policy_for,
+) -> ReplayReport:
+    report = ReplayReport()
+    decider = Decider(policy_for=policy_for)
+    computed: dict[int, list[Decision]] = defaultdict(list)
+    logged: dict[int, list[Decision]] = defaultdict(list)
+    trigger_type: dict[int, str] = {}
+    epoch_of: dict[int, int] = {}
+    epoch = 0
+    for seq, event in events:
+        report.events += 1
+        if isinstance(event, BrainStarted):
+            epoch += 1
+            report.epochs += 1
+            report.policies.append(event.policy)
+        if isinstance(event, DECISIONS):
+            logged[event.trigger].append(event)
+        out = decider.feed(seq, event)
+        if out:
+            computed[seq].extend(out)
+            trigger_type[seq] = type(event).__name__
+        epoch_of[seq] = epoch
+
+    last_answered: dict[int, int] = defaultdict(int)
+    for trig in logged:
+        e = epoch_of.get(trig, 0)
+        last_answered[e] = max(last_answered[e], trig)
+
+    report.logged = sum(len(v) for v in logged.values())
+    report.computed = sum(len(v) for v in computed.values())
+    for trig in sorted(set(logged) | set(computed)):
+        want = logged.get(trig, [])
+        got = computed.get(trig, [])
+        if [_key(d) for d in want] == [_key(d) for d in got]:
+            report.reproduced += len(want)
+            continue
+        if not want and trig > last_answered[epoch_of.get(trig, 0)]:
+            report.unconfirmed += len(got)
+            continue
+        got_keys = [_key(d) for d in got]
+        report.reproduced += sum(1 for d in want if _key(d) in got_keys)
+        report.mismatches.append(Mismatch(
+            trigger=trig, trigger_type=trigger_type.get(trig, "?"),
+            logged=[msgspec.to_builtins(d) for d in want], computed=[msgspec.to_builtins(d) for d in got]))
+    return report

@@ -1,0 +1,66 @@
+"""The brain's deterministic core, shared by the live brain and by replay.
+
+The brain's view of the world is a function of the log alone:
+
+* up to and including a ``BrainStarted`` event, it is the plain registry fold of the log;
+* after it, every event is folded in seq order, the policy decides on it, and the decisions are
+  folded into the view at once (right after their trigger). When the brain's own decision events
+  later come back through the log, they are skipped: they are already in the view.
+
+So the decisions taken for a trigger depend only on the log up to that trigger, never on task
+scheduling, and replaying the log through the same policy reproduces them exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from modelium.messages import DECISIONS, BrainStarted, Decision, Event
+from modelium.policies import Policy, make_policy
+from storage.registry import State, apply
+
+
+def policy_for(event: BrainStarted) -> Policy:
+    """The policy a ``BrainStarted`` event names, with its recorded settings."""
+    return make_policy(event.policy, event.settings)
+
+
+class Decider:
+    def __init__(
+        self,
+        plain: State | None = None,
+        *,
+        policy_for: Callable[[BrainStarted], Policy] = policy_for,
+    ):
+        self.plain = plain if plain is not None else State()  # the registry fold, in log order
+        self.view: State | None = None  # the brain's view, once a BrainStarted was seen
+        self.policy: Policy | None = None
+        self._policy_for = policy_for
+
+    @classmethod
+    def resume(cls, state: State, policy: Policy) -> Decider:
+        """A decider whose ``BrainStarted`` was the last event folded into ``state``."""
+        d = cls(state.copy())
+        d.view = state.copy()
+        d.policy = policy
+        return d
+
+    def feed(self, seq: int, event: Event) -> list[Decision]:
+        """Fold one logged event; return the decisions the brain takes on it (stamped)."""
+        apply(self.plain, seq, event)
+        if isinstance(event, BrainStarted):
+            self.view = self.plain.copy()
+            self.policy = self._policy_for(event)
+            return []
+        if self.view is None or isinstance(event, DECISIONS):
+            return []
+        apply(self.view, seq, event)
+        decisions = [
+            msgspec.structs.replace(d, ts=event.ts, policy=self.policy.name, trigger=seq)
+            for d in self.policy.decide(self.view, event)
+        ]
+        for d in decisions:
+            apply(self.view, seq, d)
+        return decisions

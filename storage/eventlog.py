@@ -1,0 +1,434 @@
+"""The SQLite event log: append, group commit, subscribe.
+
+``publish(event)`` never waits: it assigns the next ``seq`` in memory, stamps ``ts`` when the
+event has none, runs the synchronous projections (the live registry), fans the event out to
+subscribers in seq order and queues it for the writer. The writer task commits queued rows in
+one transaction every ``commit_interval`` seconds or ``commit_rows`` rows, whichever comes first
+(WAL, one writer connection, ``BEGIN IMMEDIATE``). ``await flush(seq)`` returns once ``seq`` is
+durable at the configured ``synchronous`` level.
+
+Subscribers read from any ``since`` seq: history comes from an in-memory ring of recent events or
+from the table, then the subscription attaches to the live fan-out. A subscriber that does not
+keep up is cut off from the live fan-out when its buffer fills (publishing never waits for it)
+and transparently resumes from its last seq, so it sees every matching event once, in order.
+
+Table: ``events(seq INTEGER PRIMARY KEY, ts REAL, type TEXT, model TEXT, v INTEGER, body BLOB)``,
+``body`` is the msgspec msgpack encoding of the event.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import trio
+
+from modelium.messages import AnyEvent, Event, event_model
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    type TEXT NOT NULL,
+    model TEXT,
+    v INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class LogError(Exception):
+    """The event log cannot be opened or used; the message says why and what to do."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyEvent)
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(body: bytes) -> Event:
+    return _decoder.decode(body)
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise LogError(f"{path} is not a readable Modelium event log ({e})") from e
+    if "events" not in tables:
+        raise LogError(f"{path} holds no Modelium event log (no 'events' table)")
+    if "meta" in tables:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row and int(row[0]) > SCHEMA_VERSION:
+            raise LogError(
+                f"{path} was written by a newer Modelium (log schema {row[0]}, this one reads "
+                f"up to {SCHEMA_VERSION}); upgrade Modelium or use another --db"
+            )
+
+
+def read_events(
+    path: str | Path,
+    *,
+    since: int = 0,
+    until: int | None = None,
+    types: Iterable[str] | None = None,
+    model: str | None = None,
+    chunk: int = 5000,
+) -> Iterator[tuple[int, Event]]:
+    """Yield ``(seq, event)`` with ``since < seq <= until`` from a log file, in seq order.
+
+    Read-only and safe while a server writes the same file (WAL readers never block the writer).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LogError(f"no event log at {path}")
+    conn = _connect(path, readonly=True)
+    try:
+        _check_schema(conn, path)
+        where, args = ["seq > ?"], []
+        if until is not None:
+            where.append("seq <= ?")
+            args.append(until)
+        if types:
+            types = list(types)
+            where.append(f"type IN ({','.join('?' * len(types))})")
+            args.extend(types)
+        if model is not None:
+            where.append("model = ?")
+            args.append(model)
+        last = since
+        while True:
+            rows = conn.execute(
+                f"SELECT seq, body FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+                [last, *args, chunk],
+            ).fetchall()
+            for seq, body in rows:
+                yield seq, decode(body)
+            if len(rows) < chunk:
+                return
+            last = rows[-1][0]
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which events a subscriber wants (None = all)."""
+
+    types: frozenset[str] | None = None
+    models: frozenset[str] | None = None
+
+    def __call__(self, event: Event) -> bool:
+        if self.types is not None and type(event).__name__ not in self.types:
+            return False
+        if self.models is not None and event_model(event) not in self.models:
+            return False
+        return True
+
+
+ALL = Filter()
+
+
+class Subscription:
+    """An async iterator of ``(seq, event)`` for every matching event after ``since``."""
+
+    def __init__(self, log: EventLog, since: int, flt: Filter, buffer: int):
+        self._log = log
+        self.last = since  # last seq this subscriber has seen (delivered or filtered out)
+        self._filter = flt
+        self._buffer = buffer
+        self._backlog: deque[tuple[int, Event]] = deque()
+        self._recv: trio.MemoryReceiveChannel | None = None
+        self._send: trio.MemorySendChannel | None = None
+        self.overflows = 0
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> tuple[int, Event]:
+        while True:
+            if self.closed:
+                raise StopAsyncIteration
+            if self._backlog:
+                item = self._backlog.popleft()
+                return item
+            if self._recv is None:
+                await self._catch_up()
+                continue
+            try:
+                seq, event = await self._recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                # cut off from the live fan-out (we were too slow): resume from self.last
+                self._recv = None
+                continue
+            self.last = seq
+            return seq, event
+
+    async def _catch_up(self) -> None:
+        log = self._log
+        head = log.last_seq
+        if self.last >= head:
+            # attach to the live fan-out; nothing can be published between the check and here
+            self._send, self._recv = trio.open_memory_channel(self._buffer)
+            log._subscribers.append(self)
+            return
+        upto = min(head, self.last + log.read_chunk)
+        events = await log.read_range(self.last + 1, upto)
+        for seq, event in events:
+            if self._filter(event):
+                self._backlog.append((seq, event))
+        self.last = upto
+
+    def _offer(self, seq: int, event: Event) -> bool:
+        """Called by publish; False when this subscriber must be detached (buffer full)."""
+        if not self._filter(event):
+            return True
+        try:
+            self._send.send_nowait((seq, event))
+            return True
+        except trio.WouldBlock:
+            self.overflows += 1
+            self._send.close()
+            return False
+
+    def close(self) -> None:
+        self.closed = True
+        if self in self._log._subscribers:
+            self._log._subscribers.remove(self)
+        if self._send is not None:
+            self._send.close()
+
+
+class EventLog:
+    """The append-only SQLite event log of one server (one writer)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "NORMAL",
+        commit_interval: float = 0.002,
+        commit_rows: int = 4096,
+        ring: int = 65536,
+        clock: Callable[[], float] = time.time,
+        lock: bool = True,
+    ):
+        self.path = Path(path)
+        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA", "OFF"):
+            raise LogError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        self.synchronous = synchronous.upper()
+        self.commit_interval = commit_interval
+        self.commit_rows = commit_rows
+        self.read_chunk = 4096
+        self.clock = clock
+        self._lock_fd: int | None = None
+        if lock:
+            self._take_lock()
+        try:
+            self._conn = self._open()
+        except BaseException:
+            self._release_lock()
+            raise
+        row = self._conn.execute("SELECT max(seq) FROM events").fetchone()
+        self.last_seq: int = row[0] or 0
+        self.committed_seq: int = self.last_seq
+        self.first_seq_this_run = self.last_seq + 1
+        self._pending: list[tuple[int, float, str, str | None, int, bytes]] = []
+        self._ring_size = ring
+        self._ring: list[tuple[int, Event] | None] = [None] * ring
+        self._subscribers: list[Subscription] = []
+        self._projections: list[Callable[[int, Event], None]] = []
+        self._wake = trio.Event()
+        self._committed = trio.Event()
+        self._writer_running = False
+        self._closed = False
+        self.commits = 0
+
+    # ---------------------------------------------------------------- opening and closing
+
+    def _take_lock(self) -> None:
+        lock_path = Path(str(self.path) + ".lock")
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise LogError(f"cannot create lock file {lock_path}: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LogError(
+                f"{self.path} is in use by another Modelium server (pid {holder}); "
+                "stop it or pass another --db"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _open(self) -> sqlite3.Connection:
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        try:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            if fresh:
+                conn.executescript(_SCHEMA)
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?), ('created', ?)",
+                    (str(SCHEMA_VERSION), str(time.time())),
+                )
+            _check_schema(conn, self.path)
+        except sqlite3.DatabaseError as e:
+            raise LogError(f"{self.path} is not a readable Modelium event log ({e})") from e
+        return conn
+
+    def close(self) -> None:
+        """Commit what is queued and close the file (synchronously)."""
+        if self._closed:
+            return
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._commit(batch)
+            self.committed_seq = batch[-1][0]
+        self._conn.close()
+        self._closed = True
+        self._release_lock()
+        for sub in list(self._subscribers):
+            sub.close()
+
+    # ---------------------------------------------------------------- publishing
+
+    def now(self) -> float:
+        return self.clock()
+
+    def add_projection(self, fn: Callable[[int, Event], None]) -> None:
+        """Run ``fn(seq, event)`` synchronously inside every publish (before fan-out)."""
+        self._projections.append(fn)
+
+    def publish(self, event: Event) -> int:
+        """Append ``event``; returns its seq at once. Durable after ``await flush(seq)``."""
+        if self._closed:
+            raise LogError("the event log is closed")
+        if event.ts == 0.0:
+            event = msgspec.structs.replace(event, ts=self.clock())
+        seq = self.last_seq + 1
+        body = _encoder.encode(event)
+        self.last_seq = seq
+        self._pending.append((seq, event.ts, type(event).__name__, event_model(event), event.V, body))
+        self._ring[seq % self._ring_size] = (seq, event)
+        for fn in self._projections:
+            fn(seq, event)
+        if self._subscribers:
+            dropped = [s for s in self._subscribers if not s._offer(seq, event)]
+            for s in dropped:
+                self._subscribers.remove(s)
+        if not self._wake.is_set():
+            self._wake.set()
+        return seq
+
+    async def flush(self, seq: int | None = None) -> None:
+        """Wait until ``seq`` (default: everything published so far) is committed."""
+        target = self.last_seq if seq is None else seq
+        while self.committed_seq < target:
+            if not self._writer_running:
+                raise LogError("the event log's writer is not running")
+            await self._committed.wait()
+
+    # ---------------------------------------------------------------- the writer
+
+    def _commit(self, batch) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("INSERT INTO events(seq, ts, type, model, v, body) VALUES (?,?,?,?,?,?)", batch)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task: group-commit queued events until cancelled, then commit the rest."""
+        self._writer_running = True
+        task_status.started()
+        try:
+            while True:
+                if not self._pending:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                if len(self._pending) < self.commit_rows:
+                    await trio.sleep(self.commit_interval)
+                batch, self._pending = self._pending[: self.commit_rows * 4], self._pending[self.commit_rows * 4 :]
+                await trio.to_thread.run_sync(self._commit, batch)
+                self._mark_committed(batch[-1][0])
+        finally:
+            with trio.CancelScope(shield=True):
+                if self._pending and not self._closed:
+                    batch, self._pending = self._pending, []
+                    self._commit(batch)
+                    self._mark_committed(batch[-1][0])
+            self._writer_running = False
+            self._committed.set()
+
+    def _mark_committed(self, seq: int) -> None:
+        self.committed_seq = seq
+        self.commits += 1
+        self._committed.set()
+        self._committed = trio.Event()
+
+    # ---------------------------------------------------------------- reading
+
+    def subscribe(
+        self,
+        since: int = 0,
+        *,
+        types: Iterable[str] | None = None,
+        models: Iterable[str] | None = None,
+        buffer: int = 4096,
+    ) -> Subscription:
+        """Every matching event with seq > ``since``, then live ones, in order, none twice."""
+        flt = Filter(
+            frozenset(types) if types is not None else None,
+            frozenset(models) if models is not None else None,
+        )
+        return Subscription(self, since, flt, buffer)
+
+    async def read_range(self, first: int, last: int) -> list[tuple[int, Event]]:
+        """Events ``first..last`` (inclusive), from memory when recent, else from the table."""
+        if last < first:
+            return []
+        if first >= self.first_seq_this_run and first > self.last_seq - self._ring_size:
+            ring, n = self._ring, self._ring_size
+            return [ring[s % n] for s in range(first, last + 1)]  # type: ignore[misc]
+        await self.flush(last)
+        return await trio.to_thread.run_sync(
+            lambda: list(read_events(self.path, since=first - 1, until=last))
+        )

@@ -1,0 +1,298 @@
+"""The registry: a pure fold of the event log, ``apply(state, seq, event) -> state``.
+
+The live registry, the restart rebuild, the brain's view, the API's status pages and replay all
+use this one fold. It does no I/O and reads no clock: the only time it knows is the events' ``ts``.
+For speed it updates ``state`` in place and returns it; :meth:`State.copy` gives an independent
+copy when two folds must diverge (the brain's view and the plain registry).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from modelium.messages import (
+    ActorCrashed,
+    BrainStarted,
+    DeviceRegistered,
+    DeviceSampled,
+    Event,
+    Evict,
+    Load,
+    LoadCompleted,
+    LoadFailed,
+    LoadStarted,
+    ModelChanged,
+    ModelDiscovered,
+    ModelInvalid,
+    ModelRemoved,
+    ModelSpec,
+    Reject,
+    Released,
+    RequestArrived,
+    RequestFinished,
+    Reserved,
+    ServerStarted,
+    Unloaded,
+    WorkerCrashed,
+)
+
+# where a model can be
+STATES = ("discovered", "loading", "ready", "unloading", "unloaded", "failed", "invalid")
+PLACED = ("loading", "ready")  # holds memory that a new placement cannot use
+RESIDENT = ("loading", "ready", "unloading")  # has (or is getting, or still has) a worker
+
+
+@dataclass
+class RequestStats:
+    ok: int = 0
+    error: int = 0
+    timeout: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    service_s: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.error + self.timeout + self.rejected + self.cancelled
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: str = ""
+    spec: ModelSpec | None = None
+    fingerprint: str = ""
+    discovered_at: float = 0.0
+    state: str = "discovered"
+    reason: str = ""  # why it is in its state (invalid, failed, unloaded, the load decision)
+    device: str | None = None
+    bytes: int = 0  # memory placed for it on `device`
+    pending: dict[str, int] = field(default_factory=dict)  # request id -> seq it arrived at
+    rejected_through: int = 0  # requests that arrived at or before this seq were rejected
+    last_used: float = 0.0
+    loaded_at: float = 0.0
+    loads: int = 0
+    load_s: float = 0.0
+    failures: int = 0
+    failed_at: float = 0.0
+    crashes: int = 0
+    stale: bool = False  # files changed while resident: reload on next use
+    removed: bool = False  # folder gone while resident: drop after unload
+    pid: int = 0
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def waiting(self) -> list[int]:
+        """Arrival seqs of pending requests that still want this model (not rejected)."""
+        return sorted(s for s in self.pending.values() if s > self.rejected_through)
+
+
+@dataclass
+class DeviceEntry:
+    name: str
+    kind: str
+    label: str = ""
+    total_bytes: int = 0
+    budget_bytes: int = 0
+    fake: bool = False
+    free_bytes: int | None = None  # last sample
+    reserved: dict[str, int] = field(default_factory=dict)  # the allocator's ledger, as logged
+
+
+@dataclass
+class State:
+    seq: int = 0
+    ts: float = 0.0
+    models: dict[str, ModelEntry] = field(default_factory=dict)
+    devices: dict[str, DeviceEntry] = field(default_factory=dict)
+    server_pid: int = 0
+    started_at: float = 0.0
+    restarts: int = 0  # server starts seen
+    policy: str = ""
+    actor_crashes: int = 0
+
+    def copy(self) -> State:
+        return copy.deepcopy(self)
+
+    def used_bytes(self, device: str) -> int:
+        """Memory placed on ``device`` by models loading or ready (unloading ones are leaving)."""
+        return sum(m.bytes for m in self.models.values() if m.device == device and m.state in PLACED)
+
+
+def _model(state: State, name: str) -> ModelEntry | None:
+    return state.models.get(name)
+
+
+def _forget_placement(m: ModelEntry) -> None:
+    m.device = None
+    m.bytes = 0
+    m.pid = 0
+
+
+def _unloaded(state: State, m: ModelEntry, reason: str) -> None:
+    _forget_placement(m)
+    if m.removed:
+        del state.models[m.name]
+        return
+    m.state = "unloaded"
+    m.reason = reason
+    m.stale = False
+
+
+def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one branch per event
+    """Fold one event into ``state`` (in place) and return it."""
+    state.seq = seq
+    state.ts = event.ts
+    t = type(event)
+
+    if t is RequestArrived:
+        m = _model(state, event.model)
+        if m is not None:
+            m.pending[event.request_id] = seq
+            m.last_used = event.ts
+    elif t is RequestFinished:
+        m = _model(state, event.model)
+        if m is not None:
+            m.pending.pop(event.request_id, None)
+            m.last_used = event.ts
+            st = m.stats
+            setattr(st, event.status, getattr(st, event.status) + 1)
+            st.prompt_tokens += event.prompt_tokens
+            st.completion_tokens += event.completion_tokens
+            st.queue_s += event.queue_s
+            st.service_s += event.service_s
+    elif t is ServerStarted:
+        state.server_pid = event.pid
+        state.started_at = event.ts
+        state.restarts += 1
+        for m in list(state.models.values()):
+            m.pending.clear()
+            m.rejected_through = seq
+            if m.state in RESIDENT:
+                _unloaded(state, m, "server restarted")
+        for d in state.devices.values():
+            d.reserved.clear()
+    elif t is ModelDiscovered or t is ModelChanged:
+        m = state.models.get(event.model)
+        if m is None:
+            m = state.models[event.model] = ModelEntry(name=event.model, discovered_at=event.ts)
+        m.spec = event.spec
+        m.path = event.spec.path
+        m.fingerprint = event.spec.fingerprint
+        m.removed = False
+        m.failures = 0
+        if m.state in RESIDENT:
+            m.stale = t is ModelChanged
+        else:
+            if m.state in ("invalid", "failed"):
+                m.state = "unloaded" if m.loads else "discovered"
+            m.reason = ""
+    elif t is ModelInvalid:
+        m = state.models.get(event.model)
+        if m is None:
+            m = state.models[event.model] = ModelEntry(name=event.model, discovered_at=event.ts)
+        m.path = event.path
+        m.fingerprint = event.fingerprint
+        m.reason = event.reason
+        m.removed = False
+        if m.state in RESIDENT:
+            m.stale = True
+        else:
+            m.state = "invalid"
+            m.spec = None
+    elif t is ModelRemoved:
+        m = state.models.get(event.model)
+        if m is not None:
+            if m.state in RESIDENT:
+                m.removed = True
+            else:
+                del state.models[event.model]
+    elif t is DeviceRegistered:
+        old = state.devices.get(event.device)
+        state.devices[event.device] = DeviceEntry(
+            name=event.device, kind=event.kind, label=event.name, total_bytes=event.total_bytes,
+            budget_bytes=event.budget_bytes, fake=event.fake,
+            reserved=old.reserved if old else {},
+        )
+    elif t is DeviceSampled:
+        d = state.devices.get(event.device)
+        if d is not None:
+            d.free_bytes = event.free_bytes
+    elif t is Reserved:
+        d = state.devices.get(event.device)
+        if d is not None:
+            d.reserved[event.model] = event.bytes
+    elif t is Released:
+        d = state.devices.get(event.device)
+        if d is not None:
+            d.reserved.pop(event.model, None)
+    elif t is Load:
+        m = _model(state, event.model)
+        if m is not None:
+            m.state = "loading"
+            m.device = event.device
+            m.bytes = event.bytes
+            m.reason = event.reason
+    elif t is Evict:
+        m = _model(state, event.model)
+        if m is not None and m.state in RESIDENT:
+            m.state = "unloading"
+            m.reason = event.reason
+    elif t is Reject:
+        m = _model(state, event.model)
+        if m is not None:
+            m.rejected_through = max(m.rejected_through, event.through)
+    elif t is LoadStarted:
+        m = _model(state, event.model)
+        if m is not None and m.state != "unloading":
+            m.state = "loading"
+            m.device = event.device
+    elif t is LoadCompleted:
+        m = _model(state, event.model)
+        if m is not None:
+            if m.state != "unloading":
+                m.state = "ready"
+            m.loads += 1
+            m.load_s = event.load_s
+            m.loaded_at = event.ts
+            m.last_used = event.ts
+            m.pid = event.pid
+    elif t is LoadFailed:
+        m = _model(state, event.model)
+        if m is not None:
+            _forget_placement(m)
+            m.failures += 1
+            m.failed_at = event.ts
+            if m.removed:
+                del state.models[m.name]
+            else:
+                m.state = "failed"
+                m.reason = event.reason
+    elif t is Unloaded:
+        m = _model(state, event.model)
+        if m is not None:
+            _unloaded(state, m, event.reason)
+    elif t is WorkerCrashed:
+        m = _model(state, event.model)
+        if m is not None:
+            m.crashes += 1
+            m.failed_at = event.ts
+            _unloaded(state, m, f"worker crashed: {event.reason}")
+    elif t is BrainStarted:
+        state.policy = event.policy
+    elif t is ActorCrashed:
+        state.actor_crashes += 1
+    return state
+
+
+def fold(events: Iterable[tuple[int, Event]], state: State | None = None) -> State:
+    """Fold ``(seq, event)`` pairs, in order, into ``state`` (a new one by default)."""
+    state = State() if state is None else state
+    for seq, event in events:
+        apply(state, seq, event)
+    return state

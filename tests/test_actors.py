@@ -1,0 +1,251 @@
+"""Actors over time, under pytest-trio's autojump clock: supervision, the brain's ticks, the
+router's deadlines and rejections. Real event logs in temp files; no worker processes."""
+
+import pytest
+import trio
+import trio.testing
+from helpers import spec
+
+from actors.brain import Brain
+from actors.core import Actor, ActorDied, Escalation, Refusal, Supervisor
+from actors.router import Router, ServeError
+from actors.ticker import Ticker
+from modelium.messages import (
+    ActorCrashed,
+    ActorGaveUp,
+    ActorRestarted,
+    Completion,
+    DeviceRegistered,
+    Evict,
+    FailQueued,
+    Load,
+    LoadCompleted,
+    LoadStarted,
+    ModelDiscovered,
+    ModelInvalid,
+    RequestArrived,
+    RequestFinished,
+    Submit,
+)
+from modelium.policies import LRUPolicy
+from storage.eventlog import EventLog
+from storage.registry import State, apply
+
+
+def open_log(tmp_path):
+    """A real log whose clock is trio's (virtual under autojump) and the live registry on it."""
+    log = EventLog(tmp_path / "log.db", clock=lambda: 1_000_000 + trio.current_time())
+    state = State()
+    log.add_projection(lambda seq, e: apply(state, seq, e))
+    return log, state
+
+
+def of(log, t):
+    """The events of type ``t`` this log published (from its in-memory ring)."""
+    ring, n = log._ring, log._ring_size
+    return [ring[s % n][1] for s in range(log.first_seq_this_run, log.last_seq + 1) if isinstance(ring[s % n][1], t)]
+
+
+class Flaky(Actor):
+    """Crashes on "boom", answers "ping", refuses "no"."""
+
+    name = "flaky"
+
+    async def handle(self, msg, reply):
+        if msg == "boom":
+            raise RuntimeError("boom")
+        if msg == "no":
+            raise Refusal("not today")
+        if msg == "later":
+            self.nursery.start_soon(self._later, reply)
+            return self.defer(reply)
+        return ("pong", self.runs)
+
+    async def _later(self, reply):
+        await trio.sleep(10)
+        reply.send("late")
+
+
+async def test_ask_tell_refusal_and_restart_after_a_crash(tmp_path, autojump_clock):
+    log, _ = open_log(tmp_path)
+    sup = Supervisor(log.publish, backoff_s=1.0)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        a = sup.start(n, Flaky())
+        assert await a.ask("ping") == ("pong", 1)
+        with pytest.raises(Refusal, match="not today"):
+            await a.ask("no")
+        assert await a.ask("ping") == ("pong", 1)  # a refusal is not a crash
+        t0 = trio.current_time()
+        with pytest.raises(ActorDied, match="crashed handling str"):
+            await a.ask("boom")
+        # the mailbox survives the restart: this waits for the restarted actor
+        assert await a.ask("ping") == ("pong", 2)
+        assert trio.current_time() - t0 == pytest.approx(1.0)  # the backoff
+        [crash] = of(log, ActorCrashed)
+        assert crash.actor == "flaky" and "RuntimeError('boom')" in crash.error and "boom" in crash.traceback
+        [restart] = of(log, ActorRestarted)
+        assert restart.attempt == 1 and restart.backoff_s == 1.0
+        n.cancel_scope.cancel()
+    log.close()
+
+
+async def test_deferred_replies_fail_when_the_actor_crashes(tmp_path, autojump_clock):
+    log, _ = open_log(tmp_path)
+    sup = Supervisor(log.publish)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        a = sup.start(n, Flaky())
+        async with trio.open_nursery() as inner:
+            got = []
+
+            async def waiter():
+                with pytest.raises(ActorDied):
+                    await a.ask("later")
+                got.append("failed")
+
+            inner.start_soon(waiter)
+            await trio.sleep(1)
+            a.tell_nowait("boom")
+        assert got == ["failed"]
+        assert await a.ask("later") == "late"  # after the restart deferred replies work again
+        n.cancel_scope.cancel()
+    log.close()
+
+
+async def test_backoff_doubles_and_too_many_crashes_escalate(tmp_path, autojump_clock):
+    log, _ = open_log(tmp_path)
+    sup = Supervisor(log.publish, max_restarts=3, window_s=60, backoff_s=0.5, backoff_max_s=1.5)
+    assert [sup.backoff(k) for k in (1, 2, 3, 4)] == [0.5, 1.0, 1.5, 1.5]
+
+    class AlwaysCrashes(Actor):
+        name = "doomed"
+
+        async def on_start(self):
+            raise OSError("disk on fire")
+
+    with pytest.raises(ExceptionGroup) as excinfo:
+        async with trio.open_nursery() as n:
+            await n.start(log.run)
+            await sup.supervise(AlwaysCrashes())
+    assert excinfo.group_contains(Escalation, match="doomed crashed 4 times within 60 s")
+    assert [e.backoff_s for e in of(log, ActorRestarted)] == [0.5, 1.0, 1.5]
+    [gave_up] = of(log, ActorGaveUp)
+    assert gave_up.actor == "doomed" and "disk on fire" in gave_up.error
+    log.close()
+
+
+async def test_crashes_spread_out_in_time_do_not_escalate(tmp_path, autojump_clock):
+    log, _ = open_log(tmp_path)
+    sup = Supervisor(log.publish, max_restarts=2, window_s=10, backoff_s=0.1)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        a = sup.start(n, Flaky())
+        for _ in range(6):
+            a.tell_nowait("boom")
+            await trio.sleep(20)  # outside the window: the count starts again
+        assert await a.ask("ping") == ("pong", 7)
+        assert not of(log, ActorGaveUp)
+        n.cancel_scope.cancel()
+    log.close()
+
+
+async def test_the_brain_unloads_an_idle_model_after_the_keep_alive(tmp_path, autojump_clock):
+    log, state = open_log(tmp_path)
+    sup = Supervisor(log.publish)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        log.publish(DeviceRegistered(device="cpu", kind="cpu", total_bytes=10**9, budget_bytes=10**9))
+        log.publish(ModelDiscovered(model="a", spec=spec("a")))
+        brain = sup.start(n, Brain(log, state, LRUPolicy(keep_alive_s=60)))
+        sup.start(n, Ticker(log, 5.0))
+        await trio.sleep(1)
+        log.publish(RequestArrived(model="a", request_id="r1"))
+        await trio.sleep(0.1)
+        [load] = of(log, Load)
+        assert load.policy == "lru" and load.model == "a"
+        log.publish(LoadStarted(model="a", device="cpu"))
+        log.publish(LoadCompleted(model="a", device="cpu", load_s=0.1))
+        log.publish(RequestFinished(model="a", request_id="r1", status="ok"))
+        done_at = trio.current_time()
+        while not of(log, Evict):
+            await trio.sleep(1)
+        [evict] = of(log, Evict)
+        waited = trio.current_time() - done_at
+        assert 60 <= waited <= 66  # the first tick after the keep-alive
+        assert evict.reason.startswith("idle for 6") and "keep-alive 60 s" in evict.reason
+        assert brain.decisions == 2
+        n.cancel_scope.cancel()
+    log.close()
+
+
+def submit(model, rid, timeout=30.0):
+    return Submit(model=model, request_id=rid, request=Completion(prompt="hi"), timeout_s=timeout)
+
+
+async def test_router_refuses_unknown_and_invalid_models_without_logging_them(tmp_path, autojump_clock):
+    log, state = open_log(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        router = Supervisor(log.publish).start(n, Router(log, state))
+        log.publish(ModelInvalid(model="broken", path="/m/broken", reason="config.json is not valid JSON"))
+        log.publish(ModelDiscovered(model="emb", spec=spec("emb", task="embedding")))
+        with pytest.raises(ServeError) as e:
+            await router.ask(submit("nope", "r1"))
+        assert e.value.status == 404 and "'nope' does not exist" in e.value.message
+        with pytest.raises(ServeError) as e:
+            await router.ask(submit("broken", "r2"))
+        assert e.value.status == 400 and "not valid JSON" in e.value.message
+        with pytest.raises(ServeError) as e:
+            await router.ask(submit("emb", "r3"))
+        assert e.value.status == 400 and "embedding model" in e.value.message
+        assert not of(log, RequestArrived)
+        n.cancel_scope.cancel()
+    log.close()
+
+
+async def test_router_times_out_a_request_that_waits_past_its_deadline(tmp_path, autojump_clock):
+    log, state = open_log(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        router = Supervisor(log.publish).start(n, Router(log, state))
+        log.publish(ModelDiscovered(model="a", spec=spec("a")))
+        t0 = trio.current_time()
+        with pytest.raises(ServeError) as e:
+            await router.ask(submit("a", "r1", timeout=42))
+        assert trio.current_time() - t0 == pytest.approx(42)
+        assert e.value.status == 504 and "timed out after 42 s waiting for model 'a'" in e.value.message
+        [fin] = of(log, RequestFinished)
+        assert fin.status == "timeout" and fin.queue_s == pytest.approx(42) and fin.service_s == 0
+        assert not state.models["a"].pending
+        n.cancel_scope.cancel()
+    log.close()
+
+
+async def test_router_fails_waiting_requests_on_a_rejection_up_to_its_seq(tmp_path, autojump_clock):
+    log, state = open_log(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        router = Supervisor(log.publish).start(n, Router(log, state))
+        log.publish(ModelDiscovered(model="a", spec=spec("a")))
+        outcome = {}
+
+        async def ask(rid):
+            try:
+                await router.ask(submit("a", rid, timeout=100))
+            except ServeError as e:
+                outcome[rid] = (e.status, e.message)
+
+        n.start_soon(ask, "r1")
+        await trio.sleep(1)
+        through = log.last_seq
+        n.start_soon(ask, "r2")
+        await trio.sleep(1)
+        await router.tell(FailQueued(model="a", reason="model a needs 9 GiB", through=through, status=507))
+        await trio.sleep(1)
+        assert outcome == {"r1": (507, "model a needs 9 GiB")}
+        await trio.sleep(100)
+        assert outcome["r2"][0] == 504  # r2 arrived after the rejection: it waited for its deadline
+        assert [e.status for e in of(log, RequestFinished)] == ["rejected", "timeout"]
+        n.cancel_scope.cancel()
+    log.close()
