@@ -89,10 +89,13 @@ class Runner(Actor):
         try:
             return await self._life()
         finally:
+            # cancelled from outside: the server is stopping, and the allocators with it
+            server_stopping = trio.current_effective_deadline() == float("-inf")
             with trio.CancelScope(shield=True):
                 if self.worker is not None:
                     await self.worker.stop(grace_s=1.0)
-                await self.allocator.ask(Release(model=self.model))
+                if not server_stopping:
+                    await self.allocator.ask(Release(model=self.model))
                 self.done.set()
 
     async def _life(self):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"modelium: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
     for d in settings.models_dirs:
         d.mkdir(parents=True, exist_ok=True)
 

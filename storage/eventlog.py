@@ -262,6 +262,7 @@ class EventLog:
         self._subscribers: list[Subscription] = []
         self._projections: list[Callable[[int, Event], None]] = []
         self._wake = trio.Event()
+        self._urgent = trio.Event()
         self._committed = trio.Event()
         self._writer_running = False
         self._closed = False
@@ -361,6 +362,7 @@ class EventLog:
         while self.committed_seq < target:
             if not self._writer_running:
                 raise LogError("the event log's writer is not running")
+            self._urgent.set()
             await self._committed.wait()
 
     # ---------------------------------------------------------------- the writer
@@ -384,8 +386,11 @@ class EventLog:
                 if not self._pending:
                     self._wake = trio.Event()
                     await self._wake.wait()
-                if len(self._pending) < self.commit_rows:
-                    await trio.sleep(self.commit_interval)
+                if len(self._pending) < self.commit_rows and not self._urgent.is_set():
+                    # gather more rows into this transaction, unless someone waits on flush
+                    with trio.move_on_after(self.commit_interval):
+                        await self._urgent.wait()
+                self._urgent = trio.Event()
                 batch, self._pending = self._pending[: self.commit_rows * 4], self._pending[self.commit_rows * 4 :]
                 await trio.to_thread.run_sync(self._commit, batch)
                 self._mark_committed(batch[-1][0])

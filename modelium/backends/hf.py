@@ -1,0 +1,590 @@
+"""The transformers backend, trio side: worker processes, warm spares, multiplexed requests.
+
+A model runs in its own worker process (:mod:`modelium.backends.hf_worker`), spoken to over a
+``socketpair`` with the frames of :mod:`modelium.backends.framing`. :class:`HFBackend` keeps
+``spares`` workers warm (spawned, torch and transformers imported, hello received) so that a
+load pays only for reading the weights; :meth:`HFBackend.acquire` hands one out.
+
+Task ownership. Every worker has three helper tasks (frame reader, output pump, exit watcher).
+They run in the nursery of :meth:`HFBackend.run`: spares exist before any runner wants them, and
+a spare's hello must be read while nobody holds it, so the backend (which lives as long as the
+server) owns them; a runner never needs a nursery of its own for its worker. The helper tasks
+never raise (failures become the worker's exit reason), so one worker's trouble cannot cancel
+the backend. The runner owns the worker's *lifetime*: it calls :meth:`HFWorker.stop` (or uses
+``async with worker:``) when it is done; when ``run`` ends, every worker still alive is stopped.
+
+Spawning. Workers are started with ``subprocess.Popen`` from the trio thread itself, not with
+``trio.lowlevel.open_process``: trio forks from a cached worker thread that retires after 10 s
+idle, and Linux's ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, so
+every worker would be SIGKILLed ten seconds after its start. The fork+exec takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any, Callable, Literal
+
+import trio
+
+from modelium.backends.framing import FrameError, TrioChannel
+from modelium.messages import (
+    Completion,
+    CompletionResult,
+    FromWorker,
+    Generate,
+    Generated,
+    LoadModel,
+    ModelLoaded,
+    Shutdown,
+    WorkerError,
+    WorkerHello,
+)
+
+log = logging.getLogger("modelium.backends.hf")
+worker_log = logging.getLogger("modelium.worker")
+
+ErrorKind = Literal["load", "bad_request", "internal", "crashed"]
+
+OUTPUT_TAIL_BYTES = 8192
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+
+
+class BackendError(Exception):
+    """A backend operation failed. ``kind``: "load" | "bad_request" | "internal" | "crashed"."""
+
+    def __init__(self, reason: str, kind: ErrorKind = "internal"):
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.reason}"
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with code {code}"
+
+
+class _Slot:
+    """One awaited reply."""
+
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def set(self, value: Any) -> None:
+        if not self.event.is_set():
+            self.value = value
+            self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+    async def wait(self) -> Any:
+        await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class HFWorker:
+    """One worker process. Made by :class:`HFBackend`; its helper tasks run in the backend's nursery."""
+
+    def __init__(self, popen: subprocess.Popen, chan: TrioChannel, output: trio.lowlevel.FdStream,
+                 *, tag: str = "", on_exit: Callable[[HFWorker], None] | None = None):
+        self._popen = popen
+        self._chan = chan
+        self._output = output
+        self.pid: int = popen.pid
+        self.tag = tag
+        self.spawned_at: float = trio.current_time()
+        self.hello: WorkerHello | None = None
+        self.hello_at: float | None = None  # trio.current_time() when the hello arrived
+        self.loaded: ModelLoaded | None = None
+        self.from_spare = False  # acquire() handed out a worker that was warm already
+        self.returncode: int | None = None
+        self._on_exit = on_exit
+        self._pending: dict[int, _Slot] = {}
+        self._load_slot: _Slot | None = None
+        self._next_id = 1
+        self._stopping = False
+        self._lost: str = ""  # why the connection broke, when it broke first
+        self._tail = bytearray()
+        self._hello_or_exit = trio.Event()
+        self._exit_event = trio.Event()
+        self._output_done = trio.Event()
+        self._watching = False
+
+    def __repr__(self) -> str:
+        state = "exited" if self.exited else ("loaded" if self.loaded else ("ready" if self.hello else "starting"))
+        return f"<HFWorker pid={self.pid} {state}>"
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def exited(self) -> bool:
+        return self._exit_event.is_set()
+
+    @property
+    def output_tail(self) -> str:
+        """The last few KB of the worker's stderr/stdout."""
+        return self._tail.decode("utf-8", "replace")
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    def _tail_for_reason(self, n: int = 1500) -> str:
+        tail = self.output_tail.strip()
+        if not tail:
+            return ""
+        return "; its last output: " + (tail[-n:] if len(tail) > n else tail)
+
+    def _gone_reason(self) -> str:
+        what = "was stopped and " if self._stopping else ""
+        why = f" ({self._lost})" if self._lost else ""
+        return f"worker {self.pid} {what}{describe_exit(self.returncode)}{why}{self._tail_for_reason()}"
+
+    # -- helper tasks (in the backend's nursery) -------------------------------------------------
+
+    def _start(self, nursery: trio.Nursery) -> None:
+        self._watching = True
+        nursery.start_soon(self._guard, self._read_frames)
+        nursery.start_soon(self._guard, self._pump_output)
+        nursery.start_soon(self._guard, self._watch_exit)
+
+    async def _guard(self, fn: Callable[[], Any]) -> None:
+        try:
+            await fn()
+        except Exception:  # a helper must never take the backend down
+            log.exception("worker %d: helper task %s failed", self.pid, getattr(fn, "__name__", fn))
+            self._kill()
+
+    async def _read_frames(self) -> None:
+        try:
+            while True:
+                msg = await self._chan.receive()
+                if msg is None:
+                    break
+                self._dispatch(msg)
+        except FrameError as e:
+            self._lost = self._lost or f"protocol error: {e}"
+            log.error("worker %d sent a bad frame (%s); killing it", self.pid, e)
+            self._kill()
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self._lost = self._lost or f"connection lost: {e or type(e).__name__}"
+        if not self.exited:
+            # The worker closed its end: it is exiting. Make sure it does.
+            with trio.move_on_after(5):
+                await self._exit_event.wait()
+            if not self.exited:
+                log.warning("worker %d closed its socket but did not exit; killing it", self.pid)
+                self._kill()
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, Generated):
+            slot = self._pending.get(msg.id)
+            if slot is not None:
+                slot.set(msg.result)
+        elif isinstance(msg, WorkerError):
+            if msg.id == 0:
+                if self._load_slot is not None:
+                    self._load_slot.fail(BackendError(msg.error, kind="load"))
+                else:
+                    log.warning("worker %d: error outside a load: %s", self.pid, msg.error)
+            else:
+                slot = self._pending.get(msg.id)
+                if slot is not None:
+                    slot.fail(BackendError(msg.error, kind=msg.kind))
+        elif isinstance(msg, ModelLoaded):
+            self.loaded = msg
+            if self._load_slot is not None:
+                self._load_slot.set(msg)
+        elif isinstance(msg, WorkerHello):
+            if self.hello is None:
+                self.hello = msg
+                self.hello_at = trio.current_time()
+                self._hello_or_exit.set()
+
+    async def _pump_output(self) -> None:
+        pending = b""
+        try:
+            while True:
+                try:
+                    chunk = await self._output.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not chunk:
+                    break
+                self._tail += chunk
+                if len(self._tail) > OUTPUT_TAIL_BYTES:
+                    del self._tail[:-OUTPUT_TAIL_BYTES]
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._log_line(line)
+                if len(pending) > OUTPUT_TAIL_BYTES:  # a very long line without a newline
+                    self._log_line(pending)
+                    pending = b""
+        finally:
+            if pending:
+                self._log_line(pending)
+            self._output_done.set()
+            await self._output.aclose()
+
+    def _log_line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line:
+            first, _, rest = line.partition(" ")
+            level = _LEVELS.get(first)
+            if level is None:
+                level, rest = logging.INFO, line
+            worker_log.log(level, "[worker %d] %s", self.pid, rest)
+
+    async def _watch_exit(self) -> None:
+        pidfd = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except OSError:
+                pidfd = None
+        try:
+            if pidfd is not None:
+                if self._popen.poll() is None:
+                    await trio.lowlevel.wait_readable(pidfd)
+            await self._poll_exit(None)
+        finally:
+            self._watching = False
+            if pidfd is not None:
+                trio.lowlevel.notify_closing(pidfd)
+                os.close(pidfd)
+
+    async def _poll_exit(self, timeout: float | None) -> bool:
+        """Reap the process if it exits within ``timeout`` (None: wait); True when it has exited."""
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
+            while self._popen.poll() is None:
+                await trio.sleep(0.02)
+        code = self._popen.poll()
+        if code is None:
+            return False
+        if not self.exited:
+            # give the output pump a moment to read the last lines (a traceback, say)
+            with trio.move_on_after(0.5):
+                await self._output_done.wait()
+            self._mark_exited(code)
+        return True
+
+    def _mark_exited(self, code: int) -> None:
+        if self._exit_event.is_set():
+            return
+        self.returncode = code
+        reason = self._gone_reason()
+        if self._pending:
+            log.warning("worker %d %s with %d request(s) in flight",
+                        self.pid, describe_exit(code), len(self._pending))
+        elif not self._stopping:
+            log.info("worker %d %s", self.pid, describe_exit(code))
+        for slot in self._pending.values():
+            slot.fail(BackendError(reason, kind="crashed"))
+        if self._load_slot is not None:
+            self._load_slot.fail(BackendError(f"the worker died during the load: {reason}", kind="load"))
+        try:
+            self._chan.stream.socket.close()  # type: ignore[attr-defined]
+        except Exception:
+            pass
+        self._hello_or_exit.set()
+        self._exit_event.set()
+        if self._on_exit is not None:
+            self._on_exit(self)
+
+    def _kill(self) -> None:
+        """SIGKILL the worker's process group (it leads its own session), if not reaped yet."""
+        if self._popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            try:
+                self._popen.kill()
+            except OSError:
+                pass
+
+    # -- public API -----------------------------------------------------------------------------
+
+    async def wait_hello(self, timeout_s: float) -> WorkerHello:
+        """Wait for the hello; on death or timeout the worker is killed and BackendError raised."""
+        with trio.move_on_after(timeout_s):
+            await self._hello_or_exit.wait()
+        if self.hello is not None and not self.exited:
+            return self.hello
+        if not self.exited:
+            self._kill()
+            await self._poll_exit(None)
+            raise BackendError(
+                f"worker {self.pid} was not ready within {timeout_s:g}s and was killed"
+                f"{self._tail_for_reason()}", kind="crashed")
+        raise BackendError(f"worker {self.pid} {describe_exit(self.returncode)} before it was ready"
+                           f"{self._tail_for_reason()}", kind="crashed")
+
+    async def _send(self, msg: Any, kind: ErrorKind = "crashed") -> None:
+        try:
+            await self._chan.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self._lost = self._lost or f"connection lost: {e or type(e).__name__}"
+            await self._poll_exit(2.0)  # for the exit code in the reason
+            raise BackendError(self._gone_reason(), kind=kind) from None
+
+    async def load(self, spec_path: str, task: str, device: str, dtype: str = "auto") -> ModelLoaded:
+        """Load the model at ``spec_path``; raises BackendError(kind="load") with the reason."""
+        if self.exited:
+            raise BackendError(self._gone_reason(), kind="load")
+        if self._load_slot is not None:
+            raise BackendError(f"worker {self.pid} is loading already", kind="load")
+        if self.loaded is not None:
+            raise BackendError(f"worker {self.pid} has a model loaded already", kind="load")
+        slot = self._load_slot = _Slot()
+        try:
+            await self._send(LoadModel(path=spec_path, task=task, device=device, dtype=dtype), kind="load")
+            return await slot.wait()
+        finally:
+            self._load_slot = None
+
+    async def generate(self, request: Completion) -> CompletionResult:
+        """Run one completion; many may be in flight at once. Raises BackendError."""
+        if self.exited:
+            raise BackendError(self._gone_reason(), kind="crashed")
+        if self.loaded is None:
+            raise BackendError(f"no model is loaded in worker {self.pid}", kind="internal")
+        rid = self._next_id
+        self._next_id += 1
+        slot = self._pending[rid] = _Slot()
+        try:
+            await self._send(Generate(id=rid, request=request))
+            return await slot.wait()
+        finally:
+            # a cancelled caller's answer is dropped on arrival (the worker still computes it)
+            self._pending.pop(rid, None)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Ask the worker to exit, SIGKILL it after ``grace_s``, and reap it. Idempotent."""
+        if self.exited:
+            return
+        self._stopping = True
+        try:
+            with trio.move_on_after(max(0.0, min(grace_s, 1.0))):
+                try:
+                    await self._chan.send(Shutdown())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+                    pass
+            if not await self._poll_exit(grace_s):
+                self._kill()
+                await self._poll_exit(None)
+        finally:
+            self._kill()  # no-op once reaped; if we were cancelled, the exit watcher reaps it
+
+    async def wait_exit(self) -> int | None:
+        """Return once the process has exited, with its return code."""
+        if self._watching:
+            await self._exit_event.wait()
+        else:
+            await self._poll_exit(None)
+        return self.returncode
+
+    async def __aenter__(self) -> HFWorker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with trio.CancelScope(shield=True):
+            await self.stop()
+
+
+class HFBackend:
+    """Spawns transformers workers and keeps ``spares`` of them warm.
+
+    ``env`` holds extra environment variables for the workers (on top of this process's).
+    ``tag`` goes on every worker's command line (``--tag``) so that a later server can find
+    the orphans of an earlier one.
+    """
+
+    name = "transformers"
+
+    def __init__(self, *, spares: int = 1, tag: str = "", python: str = sys.executable,
+                 env: dict | None = None, hello_timeout_s: float = 180.0, stop_grace_s: float = 2.0):
+        self.spares = max(0, spares)
+        self.tag = tag
+        self.python = python
+        self.env = dict(env or {})
+        self.hello_timeout_s = hello_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self._nursery: trio.Nursery | None = None
+        self._workers: set[HFWorker] = set()  # every live worker (spares and handed out)
+        self._ready: list[HFWorker] = []  # warm spares, oldest first
+        self._starting: list[HFWorker] = []  # spares waiting for their hello
+        self._changed = trio.Event()
+        self._spawn_failures = 0
+        self._cooling = 0  # failed spares backing off before their replacement starts
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def ready_spares(self) -> int:
+        return sum(1 for w in self._ready if not w.exited)
+
+    @property
+    def workers(self) -> list[HFWorker]:
+        return sorted(self._workers, key=lambda w: w.spawned_at)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_ready(self, n: int | None = None) -> None:
+        """Wait until ``n`` (default: ``spares``) warm spares are ready."""
+        n = self.spares if n is None else n
+        while self.ready_spares < n:
+            await self._changed.wait()
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def _spawn(self) -> HFWorker:
+        """Start one worker process (from the trio thread: see the module's docstring)."""
+        if self._nursery is None:
+            raise RuntimeError("HFBackend.run() is not running")
+        parent_sock, child_sock = socket.socketpair()
+        read_fd, write_fd = os.pipe()
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        cmd = [self.python, "-m", "modelium.backends.hf_worker", "--fd", str(child_sock.fileno()),
+               "--parent", str(os.getpid()), "--tag", self.tag]
+        try:
+            popen = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+                pass_fds=(child_sock.fileno(),), start_new_session=True, env=env,
+            )
+        except OSError as e:
+            parent_sock.close()
+            os.close(read_fd)
+            raise BackendError(f"cannot start a worker ({self.python}): {e}", kind="crashed") from None
+        finally:
+            child_sock.close()
+            os.close(write_fd)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
+        worker = HFWorker(popen, TrioChannel(stream, FromWorker), trio.lowlevel.FdStream(read_fd),
+                          tag=self.tag, on_exit=self._worker_exited)
+        self._workers.add(worker)
+        worker._start(self._nursery)
+        log.debug("spawned worker %d", worker.pid)
+        return worker
+
+    def _worker_exited(self, worker: HFWorker) -> None:
+        self._workers.discard(worker)
+        if worker in self._ready:
+            self._ready.remove(worker)
+        self._notify()
+
+    async def _keep_spares(self) -> None:
+        while True:
+            while len(self._ready) + len(self._starting) + self._cooling < self.spares:
+                try:
+                    worker = self._spawn()
+                except BackendError as e:
+                    log.error("cannot start a spare worker: %s", e.reason)
+                    await self._backoff()
+                    continue
+                self._starting.append(worker)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._warm, worker)
+            await self._changed.wait()
+
+    async def _backoff(self) -> None:
+        self._spawn_failures += 1
+        await trio.sleep(min(30.0, 0.5 * 2 ** min(self._spawn_failures, 6)))
+
+    async def _warm(self, worker: HFWorker) -> None:
+        # acquire() may take a starting spare: it removes it from _starting and owns it then.
+        try:
+            await worker.wait_hello(self.hello_timeout_s)
+        except BackendError as e:
+            if worker in self._starting:  # acquire() reports its own failures
+                log.error("a spare worker failed to start: %s", e.reason)
+                self._starting.remove(worker)
+                self._cooling += 1  # holds the failed spare's place while we back off
+                try:
+                    await self._backoff()
+                finally:
+                    self._cooling -= 1
+                    self._notify()
+            return
+        self._spawn_failures = 0
+        if worker not in self._starting:
+            return
+        self._starting.remove(worker)
+        self._ready.append(worker)
+        log.debug("spare worker %d ready", worker.pid)
+        self._notify()
+
+    async def acquire(self) -> HFWorker:
+        """A worker that has said hello: a warm spare if there is one, else a new one."""
+        if self._nursery is None:
+            raise RuntimeError("HFBackend.run() is not running")
+        while self._ready:
+            worker = self._ready.pop(0)
+            if not worker.exited:
+                worker.from_spare = True
+                self._notify()  # refill
+                return worker
+        if self._starting:  # half-way there beats starting from nothing
+            worker = self._starting.pop(0)
+            self._notify()
+        else:
+            worker = self._spawn()
+        try:
+            await worker.wait_hello(self.hello_timeout_s)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await worker.stop(grace_s=0)
+            raise
+        return worker
+
+    async def _stop_all(self) -> None:
+        workers = list(self._workers)
+        if not workers:
+            return
+        log.info("stopping %d worker(s)", len(workers))
+        async with trio.open_nursery() as nursery:
+            for w in workers:
+                # a worker still importing its libraries cannot read a Shutdown frame: kill it now
+                nursery.start_soon(w.stop, self.stop_grace_s if w.hello is not None else 0.0)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the spares warm until cancelled; then stop every worker still alive."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._keep_spares)
+                task_status.started()
+        finally:
+            self._nursery = None
+            self._ready.clear()
+            self._starting.clear()
+            with trio.CancelScope(shield=True):
+                await self._stop_all()

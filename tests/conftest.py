@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny real models (generated once per session) and real server processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from modelium.demo import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny Llama (GQA) text-generation model with a trained tokenizer and random weights."""
+    return write_tiny_model(tmp_path_factory.mktemp("src") / "tiny-llama", "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("src") / "tiny-gpt2", "gpt2", seed=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_model(src: Path, models: Path, name: str) -> Path:
+    """Copy a model folder in the way a user does: into the watched folder, file by file."""
+    dst = models / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def worker_pids(tag: str) -> list[int]:
+    """Worker processes whose command line carries ``tag``."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"modelium.backends.hf_worker" in argv and tag.encode() in argv:
+                out.append(int(entry.name))
+    return out
+
+
+@dataclass
+class Server:
+    """A real ``modelium serve`` process on a free port."""
+
+    models: Path
+    db: Path
+    logfile: Path
+    extra_env: dict = field(default_factory=dict)
+    args: list = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> Server:
+        self.port = free_port()
+        env = os.environ | {
+            "MODELIUM_SCAN_INTERVAL_S": "0.2", "MODELIUM_SETTLE_S": "0.3", "MODELIUM_TICK_S": "1",
+            "PYTHONUNBUFFERED": "1",
+        } | self.extra_env
+        cmd = [sys.executable, "-m", "modelium", "serve", "--models", str(self.models), "--db", str(self.db),
+               "--port", str(self.port), *self.args]
+        self._log = open(self.logfile, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"server did not answer /health within {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.logfile.read_text(errors="replace")[-6000:]
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30, **kw)
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=120, **kw)
+
+    def wait_model(self, name: str, *, state: str | None = None, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            r = self.get(f"/models/{name}")
+            if r.status_code == 200:
+                last = r.json()
+                if state is None or last["state"] == state:
+                    return last
+            time.sleep(0.1)
+        pytest.fail(f"model {name} not {state or 'listed'} within {timeout} s (last: {last}):\n{self.output()}")
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc:
+            self._log.close()
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    servers: list[Server] = []
+
+    def make(**kw) -> Server:
+        kw.setdefault("models", tmp_path / "models")
+        kw.setdefault("db", tmp_path / "modelium.db")
+        kw.setdefault("logfile", tmp_path / f"server{len(servers)}.log")
+        kw["models"].mkdir(exist_ok=True)
+        s = Server(**kw)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop()
