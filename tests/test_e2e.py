@@ -102,6 +102,9 @@ def test_a_dropped_model_answers_the_openai_client_and_requests_wait_while_it_lo
     state = server.get("/models/alpha").json()
     assert state["state"] == "ready" and state["requests"]["ok"] == 5 and state["spec"]["task"] in ("chat",
                                                                                                        "text-generation")
+    server.stop()
+    result = replay(server.db)
+    assert result.returncode == 0 and "reproduced exactly:    1 (100.0%)" in result.stdout, result.stdout
 
 
 def test_two_models_with_memory_for_one_take_turns_by_lru(make_server, tiny_llama, tiny_gpt2):
@@ -218,3 +221,6 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(make_server, ti
     # the server is still fine
     assert good().usage.completion_tokens >= 1
     assert server.get("/health").json()["status"] == "ok"
+    server.stop()
+    result = replay(server.db)
+    assert result.returncode == 0 and "(100.0%)" in result.stdout, result.stdout
