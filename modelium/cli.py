@@ -3,7 +3,8 @@
   modelium serve [--models DIR] [--db FILE] [--host H] [--port P] [--config FILE] ...
   modelium demo-model DIR [--family llama|gpt2|bert-cls|t5]
   modelium replay DB [--json]
-  modelium events DB [--since N] [--type T] [--model M] [--limit N] [--json]
+  modelium events [DB] [--since N] [--follow] [--type T] [--model M] [--limit N] [--json]
+  modelium db check|recover [DB] [--out FILE]
 """
 
 from __future__ import annotations
@@ -106,29 +107,59 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _format_event(seq: int, event, as_json: bool) -> str:
+    body = msgspec.to_builtins(event)
+    if as_json:
+        return json.dumps({"seq": seq, **body})
+    kind = body.pop("type")
+    ts = body.pop("ts", 0.0)
+    rest = " ".join(f"{k}={v}" for k, v in body.items() if k not in ("spec", "traceback"))
+    return f"{seq:>8} {ts:.3f} {kind:<16} {rest}"
+
+
 def _events(args: argparse.Namespace) -> int:
+    """Print the log; with --follow, keep printing what the server appends (read-only)."""
+    import time
+
     from storage.eventlog import LogError, read_events
 
+    shown = 0
+    since = args.since
     try:
-        shown = 0
-        for seq, event in read_events(args.db, since=args.since, types=args.type, model=args.model):
-            body = msgspec.to_builtins(event)
-            if args.json:
-                print(json.dumps({"seq": seq, **body}))
-            else:
-                kind = body.pop("type")
-                ts = body.pop("ts")
-                rest = " ".join(f"{k}={v}" for k, v in body.items() if k not in ("spec",))
-                print(f"{seq:>8} {ts:.3f} {kind:<16} {rest}")
-            shown += 1
-            if args.limit and shown >= args.limit:
-                break
+        while True:
+            for seq, event in read_events(args.db, since=since, types=args.type, model=args.model):
+                print(_format_event(seq, event, args.json), flush=args.follow)
+                since = seq
+                shown += 1
+                if args.limit and shown >= args.limit:
+                    return 0
+            if not args.follow:
+                return 0
+            time.sleep(args.interval)
     except LogError as e:
         print(f"modelium: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:
+        pass
     return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    from storage import recover as rec
+    from storage.eventlog import LogError
+
+    try:
+        if args.action == "check":
+            report = rec.check(args.db)
+        else:
+            report = rec.recover(args.db, out=args.out)
+    except LogError as e:
+        print(f"modelium: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0 if report.ok else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -160,14 +191,24 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=_replay)
 
-    e = sub.add_parser("events", help="print the event log")
-    e.add_argument("db", type=Path)
-    e.add_argument("--since", type=int, default=0)
-    e.add_argument("--type", action="append")
-    e.add_argument("--model")
+    e = sub.add_parser("events", help="print the event log (safe while the server writes it)")
+    e.add_argument("db", type=Path, nargs="?", default=Path("modelium.db"), help="default ./modelium.db")
+    e.add_argument("--since", type=int, default=0, help="only events after this seq")
+    e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    e.add_argument("--interval", type=float, default=0.2, help="--follow polling period in seconds")
+    e.add_argument("--type", action="append", help="only this event type (repeatable)")
+    e.add_argument("--model", help="only events about this model")
     e.add_argument("--limit", type=int, default=0)
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="one JSON object per line")
     e.set_defaults(fn=_events)
+
+    b = sub.add_parser("db", help="check or recover an event log file")
+    b.add_argument("action", choices=["check", "recover"])
+    b.add_argument("db", type=Path, nargs="?", default=Path("modelium.db"), help="default ./modelium.db")
+    b.add_argument("--out", type=Path, help="recover: write here instead of replacing DB "
+                                            "(the damaged file is kept beside it either way)")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=_db)
     return p
 
 

@@ -62,6 +62,7 @@ class Settings(BaseModel):
 
     # the event log
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    snapshot_every: int = Field(50_000, ge=0)  # events between registry snapshots (0: only at shutdown)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -290,6 +290,16 @@ AnyEvent = Union[
 EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in AnyEvent.__args__}  # type: ignore[attr-defined]
 
 
+class UnknownEvent(Event, frozen=True, kw_only=True):
+    """A logged row this version cannot decode: a type it does not know, or a newer version of
+    one it knows. Read, kept and shown, never folded; never written by this version."""
+
+    type_name: str
+    v: int
+    body: bytes = b""
+    error: str = ""
+
+
 def event_model(event: Event) -> str | None:
     """The model an event is about, if any (the log's ``model`` column)."""
     return getattr(event, "model", None)

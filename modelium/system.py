@@ -31,8 +31,9 @@ from modelium.config import Settings
 from modelium.hardware import DeviceInfo, detect_devices
 from modelium.messages import ServerStarted, ServerStopped
 from modelium.policies import make_policy
-from storage.eventlog import EventLog, read_events
-from storage.registry import State, apply, fold
+from storage.eventlog import EventLog
+from storage.registry import State, apply
+from storage.snapshot import encode_state, rebuild, state_schema
 
 log = logging.getLogger("modelium.system")
 
@@ -88,16 +89,31 @@ class System:
 
 
 def open_log(settings: Settings, *, clock=None) -> tuple[EventLog, State]:
+    """Open the log (one writer) and rebuild the registry: newest snapshot + fold of the tail.
+
+    The live registry is then folded inside every publish, and snapshotted every
+    ``snapshot_every`` events."""
     kwargs = {"synchronous": settings.synchronous}
     if clock is not None:
         kwargs["clock"] = clock
     elog = EventLog(settings.db, **kwargs)
     try:
-        state = fold(read_events(settings.db))
+        rebuilt = rebuild(settings.db)
     except BaseException:
         elog.close()
         raise
-    elog.add_projection(lambda seq, event: apply(state, seq, event))
+    log.info("registry rebuilt in %.3f s: snapshot at seq %d + %d events", rebuilt.seconds,
+             rebuilt.snapshot_seq, rebuilt.tail_events)
+    state = rebuilt.state
+    every = settings.snapshot_every
+    schema = state_schema()
+
+    def project(seq, event):
+        apply(state, seq, event)
+        if every and seq % every == 0:
+            elog.save_snapshot(schema, encode_state(state))
+
+    elog.add_projection(project)
     return elog, state
 
 
@@ -155,6 +171,7 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
         with trio.CancelScope(shield=True):
             try:
                 elog.publish(ServerStopped(reason="shutdown"))
+                elog.save_snapshot(state_schema(), encode_state(registry))
                 elog.close()
             except Exception:  # noqa: BLE001 - closing must not hide the original error
                 log.exception("closing the event log failed")

@@ -30,7 +30,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from modelium.messages import AnyEvent, Event, event_model
+from modelium.messages import EVENT_TYPES, AnyEvent, Event, UnknownEvent, event_model
 
 SCHEMA_VERSION = 1
 
@@ -46,6 +46,16 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+_SNAPSHOTS = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq INTEGER PRIMARY KEY,
+    schema TEXT NOT NULL,
+    created REAL NOT NULL,
+    body BLOB NOT NULL
+);
+"""
+KEEP_SNAPSHOTS = 3
+
 
 class LogError(Exception):
     """The event log cannot be opened or used; the message says why and what to do."""
@@ -54,6 +64,11 @@ class LogError(Exception):
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyEvent)
 
+# Upcasters turn the body of an older version of an event type into the next version:
+# UPCASTERS[(type name, v)] = fn(dict) -> dict of version v + 1. When a release changes an event's
+# fields it bumps the type's ``V`` and registers the step here, so every old row stays readable.
+UPCASTERS: dict[tuple[str, int], Callable[[dict], dict]] = {}
+
 
 def encode(event: Event) -> bytes:
     return _encoder.encode(event)
@@ -61,6 +76,27 @@ def encode(event: Event) -> bytes:
 
 def decode(body: bytes) -> Event:
     return _decoder.decode(body)
+
+
+def decode_row(type_name: str, v: int, body: bytes) -> Event:
+    """A stored row -> its event at the current version (upcast when older).
+
+    A type this version does not know, or a newer version of one it knows, gives an
+    :class:`UnknownEvent` that carries the raw body: readers keep going, folds ignore it."""
+    cls = EVENT_TYPES.get(type_name)
+    if cls is None or v > cls.V:
+        why = "unknown event type" if cls is None else f"version {v} is newer than this Modelium's {cls.V}"
+        return UnknownEvent(ts=0.0, type_name=type_name, v=v, body=bytes(body), error=why)
+    if v == cls.V:
+        return _decoder.decode(body)
+    data = msgspec.msgpack.decode(body)
+    while v < cls.V:
+        step = UPCASTERS.get((type_name, v))
+        if step is None:
+            raise LogError(f"cannot read {type_name} version {v}: no upcaster to version {v + 1}")
+        data = step(data)
+        v += 1
+    return msgspec.convert(data, cls)
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -72,11 +108,16 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def damaged(path: Path, error: BaseException) -> str:
+    return (f"{path} is damaged ({error}). `modelium db check {path}` says what is damaged; "
+            f"`modelium db recover {path}` keeps every readable event (the damaged file is kept beside it)")
+
+
 def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as e:
-        raise LogError(f"{path} is not a readable Modelium event log ({e})") from e
+        raise LogError(damaged(path, e)) from e
     if "events" not in tables:
         raise LogError(f"{path} holds no Modelium event log (no 'events' table)")
     if "meta" in tables:
@@ -120,12 +161,15 @@ def read_events(
             args.append(model)
         last = since
         while True:
-            rows = conn.execute(
-                f"SELECT seq, body FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
-                [last, *args, chunk],
-            ).fetchall()
-            for seq, body in rows:
-                yield seq, decode(body)
+            try:
+                rows = conn.execute(
+                    f"SELECT seq, type, v, body FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?",
+                    [last, *args, chunk],
+                ).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise LogError(damaged(path, e)) from e
+            for seq, type_name, v, body in rows:
+                yield seq, decode_row(type_name, v, body)
             if len(rows) < chunk:
                 return
             last = rows[-1][0]
@@ -252,11 +296,17 @@ class EventLog:
         except BaseException:
             self._release_lock()
             raise
-        row = self._conn.execute("SELECT max(seq) FROM events").fetchone()
+        try:
+            row = self._conn.execute("SELECT max(seq) FROM events").fetchone()
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            self._release_lock()
+            raise LogError(damaged(self.path, e)) from e
         self.last_seq: int = row[0] or 0
         self.committed_seq: int = self.last_seq
         self.first_seq_this_run = self.last_seq + 1
         self._pending: list[tuple[int, float, str, str | None, int, bytes]] = []
+        self._snapshots: list[tuple[int, str, float, bytes]] = []  # waiting for their events
         self._ring_size = ring
         self._ring: list[tuple[int, Event] | None] = [None] * ring
         self._subscribers: list[Subscription] = []
@@ -267,6 +317,7 @@ class EventLog:
         self._writer_running = False
         self._closed = False
         self.commits = 0
+        self.snapshots_written = 0
 
     # ---------------------------------------------------------------- opening and closing
 
@@ -308,18 +359,20 @@ class EventLog:
                     (str(SCHEMA_VERSION), str(time.time())),
                 )
             _check_schema(conn, self.path)
+            conn.executescript(_SNAPSHOTS)
         except sqlite3.DatabaseError as e:
-            raise LogError(f"{self.path} is not a readable Modelium event log ({e})") from e
+            raise LogError(damaged(self.path, e)) from e
         return conn
 
     def close(self) -> None:
         """Commit what is queued and close the file (synchronously)."""
         if self._closed:
             return
-        if self._pending:
+        if self._pending or self._snapshots:
             batch, self._pending = self._pending, []
             self._commit(batch)
-            self.committed_seq = batch[-1][0]
+            if batch:
+                self.committed_seq = batch[-1][0]
         self._conn.close()
         self._closed = True
         self._release_lock()
@@ -367,15 +420,34 @@ class EventLog:
 
     # ---------------------------------------------------------------- the writer
 
+    def save_snapshot(self, schema: str, body: bytes) -> int:
+        """Store ``body`` (the projection as of the last published seq) once that seq commits."""
+        seq = self.last_seq
+        self._snapshots.append((seq, schema, time.time(), body))
+        if not self._wake.is_set():
+            self._wake.set()
+        return seq
+
     def _commit(self, batch) -> None:
+        """One transaction: the batch, then the snapshots its last seq makes consistent."""
+        upto = batch[-1][0] if batch else self.committed_seq
+        snaps = [x for x in self._snapshots if x[0] <= upto]
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany("INSERT INTO events(seq, ts, type, model, v, body) VALUES (?,?,?,?,?,?)", batch)
+            if snaps:
+                conn.executemany("INSERT OR REPLACE INTO snapshots(seq, schema, created, body) VALUES (?,?,?,?)",
+                                 snaps)
+                conn.execute("DELETE FROM snapshots WHERE seq NOT IN "
+                             "(SELECT seq FROM snapshots ORDER BY seq DESC LIMIT ?)", (KEEP_SNAPSHOTS,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        if snaps:
+            self._snapshots = [x for x in self._snapshots if x[0] > upto]
+            self.snapshots_written += len(snaps)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The writer task: group-commit queued events until cancelled, then commit the rest."""
@@ -383,7 +455,7 @@ class EventLog:
         task_status.started()
         try:
             while True:
-                if not self._pending:
+                if not self._pending and not self._snapshots:
                     self._wake = trio.Event()
                     await self._wake.wait()
                 if len(self._pending) < self.commit_rows and not self._urgent.is_set():
@@ -393,13 +465,15 @@ class EventLog:
                 self._urgent = trio.Event()
                 batch, self._pending = self._pending[: self.commit_rows * 4], self._pending[self.commit_rows * 4 :]
                 await trio.to_thread.run_sync(self._commit, batch)
-                self._mark_committed(batch[-1][0])
+                if batch:
+                    self._mark_committed(batch[-1][0])
         finally:
             with trio.CancelScope(shield=True):
-                if self._pending and not self._closed:
+                if (self._pending or self._snapshots) and not self._closed:
                     batch, self._pending = self._pending, []
                     self._commit(batch)
-                    self._mark_committed(batch[-1][0])
+                    if batch:
+                        self._mark_committed(batch[-1][0])
             self._writer_running = False
             self._committed.set()
 

@@ -152,7 +152,7 @@ def test_a_second_writer_is_refused_with_a_clear_error(tmp_path):
 def test_a_file_that_is_not_a_log_gives_a_clear_error(tmp_path):
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(LogError, match="not a readable Modelium event log"):
+    with pytest.raises(LogError, match="is damaged"):
         EventLog(junk)
     other = tmp_path / "other.db"
     sqlite3.connect(other).execute("CREATE TABLE t(x)").connection.commit()
