@@ -31,6 +31,7 @@ from modelium.messages import (
     RequestFinished,
     RunnerGone,
     RunnerReady,
+    StopAdmitting,
     Submit,
 )
 from storage.eventlog import EventLog
@@ -91,6 +92,18 @@ class Router(Actor):
         self._tiebreak = itertools.count()
         self._timer_wake = trio.Event()
         self.inflight: dict[str, Pending] = {}
+        self.refusing: str | None = None  # why new requests are refused (the server is stopping)
+        self._idle = trio.Event()
+
+    @property
+    def busy(self) -> int:
+        """Requests admitted and not yet answered."""
+        return len(self.inflight) + sum(len(dq) for dq in self.q.waiting.values())
+
+    async def drained(self) -> None:
+        """Return once every admitted request is answered."""
+        while self.busy:
+            await self._idle.wait()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -126,6 +139,8 @@ class Router(Actor):
                 del self.q.runners[msg.model]
         elif isinstance(msg, FailQueued):
             self._fail_queued(msg)
+        elif isinstance(msg, StopAdmitting):
+            self.refusing = msg.reason
         else:
             raise TypeError(f"the router does not understand {type(msg).__name__}")
         return None
@@ -133,6 +148,8 @@ class Router(Actor):
     def _submit(self, msg: Submit, reply: Reply | None) -> Any:
         if reply is None:
             raise TypeError("Submit must be asked, not told")
+        if self.refusing is not None:
+            raise ServeError(503, self.refusing, code="shutting_down")
         entry = self.registry.models.get(msg.model)
         if entry is None or entry.removed:
             raise ServeError(404, f"The model '{msg.model}' does not exist", code="model_not_found")
@@ -194,6 +211,7 @@ class Router(Actor):
                 p.queued = True
                 self.q.waiting.setdefault(p.model, deque()).appendleft(p)
             self._pump(p.model)
+            self._check_idle()
 
     def _finish(self, p: Pending, status: str, *, result: CompletionResult | None = None, error: str = "",
                 exc: BaseException | None = None) -> None:
@@ -210,6 +228,11 @@ class Router(Actor):
             p.reply.send(result)
         else:
             p.reply.fail(exc)
+
+    def _check_idle(self) -> None:
+        if not self.busy:
+            self._idle.set()
+            self._idle = trio.Event()
 
     # ------------------------------------------------------------------ deadlines and rejections
 
@@ -228,6 +251,7 @@ class Router(Actor):
             self._finish(p, "timeout", error=f"waited {p.submit.timeout_s:g} s; model {state}", exc=ServeError(
                 504, f"The request timed out after {p.submit.timeout_s:g} s waiting for model '{p.model}' "
                      f"(model state: {state})", code="timeout"))
+        self._check_idle()
 
     def _fail_queued(self, msg: FailQueued) -> None:
         dq = self.q.waiting.get(msg.model)
@@ -242,3 +266,4 @@ class Router(Actor):
             else:
                 keep.append(p)
         self.q.waiting[msg.model] = keep
+        self._check_idle()

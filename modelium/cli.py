@@ -46,14 +46,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            system = await n.start(run_system, settings)
+
+            async def run_then_stop(task_status=trio.TASK_STATUS_IGNORED):
+                await run_system(settings, task_status=task_status)
+                n.cancel_scope.cancel()  # the system stopped (shutdown done): stop listening for signals
+
+            system = await n.start(run_then_stop)
             print(f"Modelium {system.address} · models from {', '.join(map(str, settings.models_dirs))} "
                   f"· log {settings.db}", file=sys.stderr, flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
-                    logging.getLogger("modelium").info("%s: shutting down", signal.Signals(signum).name)
-                    n.cancel_scope.cancel()
+                    logging.getLogger("modelium").info("%s: shutting down (again to stop at once)",
+                                                       signal.Signals(signum).name)
+                    n.start_soon(system.shutdown)
                     break
+                async for signum in signals:  # a second signal: no more waiting
+                    n.cancel_scope.cancel()
 
     try:
         trio.run(main)

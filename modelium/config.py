@@ -63,6 +63,8 @@ class Settings(BaseModel):
     # the event log
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     snapshot_every: int = Field(50_000, ge=0)  # events between registry snapshots (0: only at shutdown)
+    retention_s: float | None = Field(7 * 86400.0, gt=0)  # request events older than this are rolled up
+    compact_every_s: float = Field(3600.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

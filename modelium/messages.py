@@ -277,6 +277,39 @@ class RequestFinished(Event, frozen=True, kw_only=True):
     error: str = ""
 
 
+LATENCY_BUCKETS = 24  # histogram bucket i counts latencies in [2**(i-1), 2**i) ms; bucket 0: < 1 ms
+
+
+def latency_bucket(seconds: float) -> int:
+    ms = seconds * 1000.0
+    if ms < 1.0:
+        return 0
+    return min(LATENCY_BUCKETS - 1, int(ms).bit_length())
+
+
+class RequestsRolledUp(Event, frozen=True, kw_only=True):
+    """Request-level events of one model and one minute, older than the retention horizon,
+    replaced by their statistics (stored at the seq of the last event it replaces)."""
+
+    model: str
+    minute: float  # start of the minute (ts)
+    first_seq: int
+    last_seq: int
+    last_ts: float  # of the last replaced event: keeps the model's last use exact
+    arrivals: int = 0
+    ok: int = 0
+    error: int = 0
+    timeout: int = 0
+    rejected: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    service_s: float = 0.0
+    queue_hist: list[int] = []
+    service_hist: list[int] = []
+
+
 AnyEvent = Union[
     ServerStarted, ServerStopped, BrainStarted, Tick,
     ActorCrashed, ActorRestarted, ActorGaveUp,
@@ -284,7 +317,7 @@ AnyEvent = Union[
     DeviceRegistered, DeviceSampled, Reserved, Released,
     Load, Evict, Reject,
     LoadStarted, LoadCompleted, LoadFailed, Unloaded, WorkerCrashed,
-    RequestArrived, RequestFinished,
+    RequestArrived, RequestFinished, RequestsRolledUp,
 ]
 
 EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in AnyEvent.__args__}  # type: ignore[attr-defined]
@@ -388,8 +421,10 @@ class FailQueued(_Msg, frozen=True, kw_only=True):
     status: int = 503
 
 
-class StopRunner(_Msg, frozen=True, kw_only=True):
-    reason: str
+class StopAdmitting(_Msg, frozen=True, kw_only=True):
+    """System -> router: the server is stopping; refuse new requests, finish the admitted ones."""
+
+    reason: str = "the server is shutting down"
 
 
 # --------------------------------------------------------------------------------------------

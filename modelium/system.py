@@ -29,7 +29,7 @@ from modelium.analysis import AnalysisOptions
 from modelium.backends.hf import HFBackend
 from modelium.config import Settings
 from modelium.hardware import DeviceInfo, detect_devices
-from modelium.messages import ServerStarted, ServerStopped
+from modelium.messages import ServerStarted, ServerStopped, StopAdmitting
 from modelium.policies import make_policy
 from storage.eventlog import EventLog
 from storage.registry import State, apply
@@ -86,6 +86,26 @@ class System:
     backend: HFBackend
     allocators: dict[str, Allocator] = field(default_factory=dict)
     address: str = ""
+    stop_accepting: trio.Event = field(default_factory=trio.Event)  # set: the API stops listening
+    api_stopped: trio.Event = field(default_factory=trio.Event)
+    root: trio.Nursery | None = None
+
+    async def shutdown(self, drain_s: float | None = None) -> None:
+        """Stop in order: the API stops accepting and the router admits nothing new; admitted
+        requests finish (up to ``drain_s``, default the ``drain_s`` setting); then everything is
+        cancelled: runners stop their workers, the log records ServerStopped, commits and
+        snapshots the registry."""
+        drain_s = self.settings.drain_s if drain_s is None else drain_s
+        log.info("shutting down: draining %d request(s) for up to %g s", self.router.busy, drain_s)
+        await self.router.tell(StopAdmitting())
+        self.stop_accepting.set()
+        with trio.move_on_after(drain_s):
+            await self.router.drained()
+            await self.api_stopped.wait()
+        if self.router.busy:
+            log.warning("%d request(s) still unanswered after %g s; stopping anyway", self.router.busy, drain_s)
+        if self.root is not None:
+            self.root.cancel_scope.cancel()
 
 
 def open_log(settings: Settings, *, clock=None) -> tuple[EventLog, State]:
@@ -93,7 +113,8 @@ def open_log(settings: Settings, *, clock=None) -> tuple[EventLog, State]:
 
     The live registry is then folded inside every publish, and snapshotted every
     ``snapshot_every`` events."""
-    kwargs = {"synchronous": settings.synchronous}
+    kwargs = {"synchronous": settings.synchronous, "retention_s": settings.retention_s,
+              "compact_every_s": settings.compact_every_s}
     if clock is not None:
         kwargs["clock"] = clock
     elog = EventLog(settings.db, **kwargs)
@@ -161,11 +182,13 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                 await actor.started.wait()
             system = System(settings=settings, log=elog, registry=registry, devices={d.name: d for d in devs},
                             router=router, runners=runners, brain=brain, watcher=watcher, backend=backend,
-                            allocators=allocators)
+                            allocators=allocators, root=root)
             if serve_api:
                 from modelium.api.server import serve_http
 
                 system.address = await root.start(serve_http, system)
+            else:
+                system.api_stopped.set()
             task_status.started(system)
     finally:
         with trio.CancelScope(shield=True):

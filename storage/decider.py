@@ -38,6 +38,11 @@ class Decider:
         self.view: State | None = None  # the brain's view, once a BrainStarted was seen
         self.policy: Policy | None = None
         self._policy_for = policy_for
+        self._last = self.plain.seq
+        self._gaps: list[tuple[int, int]] = []  # seq ranges absent from the log (rolled up by retention)
+
+    def _missing(self, seq: int) -> bool:
+        return any(a <= seq <= b for a, b in reversed(self._gaps))
 
     @classmethod
     def resume(cls, state: State, policy: Policy) -> Decider:
@@ -49,12 +54,20 @@ class Decider:
 
     def feed(self, seq: int, event: Event) -> list[Decision]:
         """Fold one logged event; return the decisions the brain takes on it (stamped)."""
+        if seq > self._last + 1:
+            self._gaps.append((self._last + 1, seq - 1))
+        self._last = seq
         apply(self.plain, seq, event)
         if isinstance(event, BrainStarted):
             self.view = self.plain.copy()
             self.policy = self._policy_for(event)
             return []
-        if self.view is None or isinstance(event, DECISIONS):
+        if self.view is None:
+            return []
+        if isinstance(event, DECISIONS):
+            if self._missing(event.trigger):
+                # its trigger is no longer in the log (retention): take the decision as logged
+                apply(self.view, seq, event)
             return []
         apply(self.view, seq, event)
         decisions = [

@@ -279,6 +279,8 @@ class EventLog:
         ring: int = 65536,
         clock: Callable[[], float] = time.time,
         lock: bool = True,
+        retention_s: float | None = None,
+        compact_every_s: float = 3600.0,
     ):
         self.path = Path(path)
         if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA", "OFF"):
@@ -318,6 +320,11 @@ class EventLog:
         self._closed = False
         self.commits = 0
         self.snapshots_written = 0
+        self.retention_s = retention_s
+        self.compact_every_s = compact_every_s
+        self._last_compact = self.clock()
+        self._db_lock = trio.Lock()  # the writer connection: commits and compactions take turns
+        self.rolled_up = 0  # request-level rows replaced by rollups since open
 
     # ---------------------------------------------------------------- opening and closing
 
@@ -464,9 +471,13 @@ class EventLog:
                         await self._urgent.wait()
                 self._urgent = trio.Event()
                 batch, self._pending = self._pending[: self.commit_rows * 4], self._pending[self.commit_rows * 4 :]
-                await trio.to_thread.run_sync(self._commit, batch)
+                async with self._db_lock:
+                    await trio.to_thread.run_sync(self._commit, batch)
                 if batch:
                     self._mark_committed(batch[-1][0])
+                if self.retention_s is not None and self.clock() - self._last_compact >= self.compact_every_s:
+                    self._last_compact = self.clock()
+                    await self.compact(self.clock() - self.retention_s)
         finally:
             with trio.CancelScope(shield=True):
                 if (self._pending or self._snapshots) and not self._closed:
@@ -476,6 +487,43 @@ class EventLog:
                         self._mark_committed(batch[-1][0])
             self._writer_running = False
             self._committed.set()
+
+    async def compact(self, horizon: float, *, chunk: int = 50_000) -> int:
+        """Roll up request-level events older than ``horizon`` (ts); returns rows replaced."""
+        total, cursor = 0, 0
+        while cursor is not None:
+            async with self._db_lock:
+                n, cursor = await trio.to_thread.run_sync(self._compact, horizon, cursor, chunk)
+            total += n
+        self.rolled_up += total
+        return total
+
+    def _compact(self, horizon: float, after: int, chunk: int) -> tuple[int, int | None]:
+        """One chunk of compaction; returns (rows replaced, the seq to continue after or None)."""
+        from storage.retention import plan_rollup
+
+        conn = self._conn
+        rows = conn.execute(
+            "SELECT seq, type, v, body FROM events WHERE type IN ('RequestArrived', 'RequestFinished') "
+            "AND ts < ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (horizon, after, self.committed_seq, chunk)).fetchall()
+        if not rows:
+            return 0, None
+        nxt = rows[-1][0] if len(rows) == chunk else None
+        delete, rollups = plan_rollup((seq, decode_row(t, v, b)) for seq, t, v, b in rows)
+        if not delete:
+            return 0, nxt
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s in delete])
+            conn.executemany(
+                "INSERT INTO events(seq, ts, type, model, v, body) VALUES (?,?,?,?,?,?)",
+                [(seq, e.ts, type(e).__name__, e.model, e.V, _encoder.encode(e)) for seq, e in rollups])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return len(delete), nxt
 
     def _mark_committed(self, seq: int) -> None:
         self.committed_seq = seq

@@ -32,6 +32,7 @@ from modelium.messages import (
     Released,
     RequestArrived,
     RequestFinished,
+    RequestsRolledUp,
     Reserved,
     ServerStarted,
     Unloaded,
@@ -162,6 +163,17 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.last_used = event.ts
             st = m.stats
             setattr(st, event.status, getattr(st, event.status) + 1)
+            st.prompt_tokens += event.prompt_tokens
+            st.completion_tokens += event.completion_tokens
+            st.queue_s += event.queue_s
+            st.service_s += event.service_s
+    elif t is RequestsRolledUp:
+        m = _model(state, event.model)
+        if m is not None:
+            m.last_used = max(m.last_used, event.last_ts)
+            st = m.stats
+            for k in ("ok", "error", "timeout", "rejected", "cancelled"):
+                setattr(st, k, getattr(st, k) + getattr(event, k))
             st.prompt_tokens += event.prompt_tokens
             st.completion_tokens += event.completion_tokens
             st.queue_s += event.queue_s

@@ -96,3 +96,19 @@ def test_decisions_missing_at_the_end_of_a_log_are_unconfirmed_not_mismatched():
     s.arrive("a", "r1")  # the server died before the brain's Load was durable
     report = replay_decisions(s.events)
     assert report.ok and report.logged == 0 and report.unconfirmed == 1
+
+
+def test_after_retention_decisions_past_the_horizon_still_replay_exactly():
+    from modelium.messages import RequestArrived, RequestFinished
+    from storage.retention import plan_rollup
+
+    s, _ = traffic_log()
+    requests = [(q, e) for q, e in s.events if isinstance(e, (RequestArrived, RequestFinished))]
+    old = requests[: len(requests) // 2]  # the older half of the traffic is rolled up
+    delete, rollups = plan_rollup(old)
+    kept = [(q, e) for q, e in s.events if q not in set(delete)] + rollups
+    kept.sort(key=lambda x: x[0])
+    report = replay_decisions(kept)
+    horizon = max(r.last_seq for _, r in rollups)
+    assert report.horizon_seq == horizon and report.not_compared > 0
+    assert report.ok and report.reproduced == report.logged - report.not_compared > 0

@@ -23,9 +23,13 @@ async def serve_http(system: Any, *, task_status=trio.TASK_STATUS_IGNORED) -> No
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = 5.0
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
-        url = binds[0] if binds else f"http://{settings.host}:{settings.port}"
-        log.info("Modelium is listening on %s", url)
-        task_status.started(url)
+    config.graceful_timeout = settings.drain_s  # in-flight HTTP requests get the drain deadline
+    try:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(functools.partial(serve, app, config, mode="asgi",
+                                                          shutdown_trigger=system.stop_accepting.wait))
+            url = binds[0] if binds else f"http://{settings.host}:{settings.port}"
+            log.info("Modelium is listening on %s", url)
+            task_status.started(url)
+    finally:
+        system.api_stopped.set()
