@@ -108,7 +108,7 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def damaged(path: Path, error: BaseException) -> str:
+def damaged(path: Path, error: BaseException | str) -> str:
     return (f"{path} is damaged ({error}). `modelium db check {path}` says what is damaged; "
             f"`modelium db recover {path}` keeps every readable event (the damaged file is kept beside it)")
 
@@ -116,17 +116,18 @@ def damaged(path: Path, error: BaseException) -> str:
 def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.DatabaseError as e:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() \
+            if "meta" in tables else None
+        version = int(row[0]) if row else None
+    except (sqlite3.DatabaseError, ValueError) as e:  # ValueError: a schema_version that is not a number
         raise LogError(damaged(path, e)) from e
     if "events" not in tables:
         raise LogError(f"{path} holds no Modelium event log (no 'events' table)")
-    if "meta" in tables:
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row and int(row[0]) > SCHEMA_VERSION:
-            raise LogError(
-                f"{path} was written by a newer Modelium (log schema {row[0]}, this one reads "
-                f"up to {SCHEMA_VERSION}); upgrade Modelium or use another --db"
-            )
+    if version is not None and version > SCHEMA_VERSION:
+        raise LogError(
+            f"{path} was written by a newer Modelium (log schema {version}, this one reads "
+            f"up to {SCHEMA_VERSION}); upgrade Modelium or use another --db"
+        )
 
 
 def read_events(
@@ -169,7 +170,11 @@ def read_events(
             except sqlite3.DatabaseError as e:
                 raise LogError(damaged(path, e)) from e
             for seq, type_name, v, body in rows:
-                yield seq, decode_row(type_name, v, body)
+                try:
+                    event = decode_row(type_name, v, body)
+                except msgspec.DecodeError as e:  # the row's bytes are damaged
+                    raise LogError(damaged(path, f"event {seq} does not decode: {e}")) from e
+                yield seq, event
             if len(rows) < chunk:
                 return
             last = rows[-1][0]
@@ -377,7 +382,7 @@ class EventLog:
             return
         if self._pending or self._snapshots:
             batch, self._pending = self._pending, []
-            self._commit(batch)
+            self._commit(batch, self._take_snapshots(batch))
             if batch:
                 self.committed_seq = batch[-1][0]
         self._conn.close()
@@ -435,10 +440,16 @@ class EventLog:
             self._wake.set()
         return seq
 
-    def _commit(self, batch) -> None:
-        """One transaction: the batch, then the snapshots its last seq makes consistent."""
+    def _take_snapshots(self, batch) -> list:
+        """(Trio thread) the queued snapshots that the batch's last seq makes consistent."""
         upto = batch[-1][0] if batch else self.committed_seq
         snaps = [x for x in self._snapshots if x[0] <= upto]
+        if snaps:
+            self._snapshots = [x for x in self._snapshots if x[0] > upto]
+        return snaps
+
+    def _commit(self, batch, snaps=()) -> None:
+        """One transaction: the batch, then the snapshots its last seq makes consistent."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -452,9 +463,7 @@ class EventLog:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        if snaps:
-            self._snapshots = [x for x in self._snapshots if x[0] > upto]
-            self.snapshots_written += len(snaps)
+        self.snapshots_written += len(snaps)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The writer task: group-commit queued events until cancelled, then commit the rest."""
@@ -471,8 +480,9 @@ class EventLog:
                         await self._urgent.wait()
                 self._urgent = trio.Event()
                 batch, self._pending = self._pending[: self.commit_rows * 4], self._pending[self.commit_rows * 4 :]
+                snaps = self._take_snapshots(batch)
                 async with self._db_lock:
-                    await trio.to_thread.run_sync(self._commit, batch)
+                    await trio.to_thread.run_sync(self._commit, batch, snaps)
                 if batch:
                     self._mark_committed(batch[-1][0])
                 if self.retention_s is not None and self.clock() - self._last_compact >= self.compact_every_s:
@@ -482,7 +492,7 @@ class EventLog:
             with trio.CancelScope(shield=True):
                 if (self._pending or self._snapshots) and not self._closed:
                     batch, self._pending = self._pending, []
-                    self._commit(batch)
+                    self._commit(batch, self._take_snapshots(batch))
                     if batch:
                         self._mark_committed(batch[-1][0])
             self._writer_running = False

@@ -224,3 +224,52 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(make_server, ti
     server.stop()
     result = replay(server.db)
     assert result.returncode == 0 and "(100.0%)" in result.stdout, result.stdout
+
+
+def test_sigterm_drains_admitted_requests_then_stops_in_order(make_server, tiny_llama):
+    server = make_server().start()
+    copy_model(tiny_llama, server.models, "alpha")
+    server.wait_model("alpha")
+    c = client(server)
+    c.completions.create(model="alpha", prompt="warm up", max_tokens=1)  # loaded
+    tag = worker_tag(server.db)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(c.completions.create, model="alpha", prompt="Tell me a long story", max_tokens=400,
+                           temperature=0)
+        deadline = time.monotonic() + 10
+        while server.get("/models/alpha").json()["pending"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.proc.send_signal(subprocess.signal.SIGTERM)
+        answer = long.result(timeout=60)  # admitted before the signal: it is answered
+    assert answer.usage.completion_tokens >= 1 and answer.choices[0].finish_reason in ("length", "stop")
+    assert server.proc.wait(30) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health", timeout=2)
+    evs = events(server.db)
+    finished = [e for _, e in evs if isinstance(e, RequestFinished)]
+    assert [e.status for e in finished] == ["ok", "ok"]
+    assert type(evs[-1][1]).__name__ == "ServerStopped"
+    last_seq = evs[-1][0]
+    import sqlite3
+
+    snaps = [r[0] for r in sqlite3.connect(server.db).execute("SELECT seq FROM snapshots")]
+    assert last_seq in snaps  # the final snapshot covers everything: the next start folds nothing
+    assert worker_pids(tag) == []
+
+
+def test_workers_left_by_an_earlier_server_are_reaped_at_start(make_server, tmp_path):
+    import os
+    import socket as sk
+
+    server = make_server()
+    tag = worker_tag(server.db)
+    a, b = sk.socketpair()
+    # a worker process carrying this log's tag whose server is gone (here: its parent is the test)
+    orphan = subprocess.Popen([sys.executable, "-m", "modelium.backends.hf_worker", "--fd", str(b.fileno()),
+                               "--parent", str(os.getpid()), "--tag", tag], pass_fds=[b.fileno()],
+                              stderr=subprocess.DEVNULL)
+    b.close()
+    assert orphan.pid in worker_pids(tag)
+    server.start()
+    assert orphan.wait(15) == -9  # killed by the new server
+    a.close()
