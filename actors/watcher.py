@@ -4,13 +4,18 @@ Every ``interval_s`` it lists the model folders (stats only, in a thread), compa
 fingerprints with what it already reported, and analyses (in a thread) what is new or changed:
 ``ModelDiscovered`` / ``ModelChanged`` carry the analysed spec, ``ModelInvalid`` the reason,
 ``ModelRemoved`` a folder that vanished. A folder whose files changed less than ``settle_s`` ago
-is still being copied and waits for the next scan. What it already reported is rebuilt from the
-registry when it starts, so a restart does not rediscover unchanged models.
+is still being copied and waits: a new or changed folder is taken once its newest file is older
+than ``settle_s`` and its fingerprint did not move since the previous scan, or at once when it
+holds a ``.modelium-ready`` marker file. (A copy that preserves old mtimes may still be caught
+half-way; the analysis then says precisely what is incomplete, and the finished copy is analysed
+again when its fingerprint changes.) What it already reported is rebuilt from the registry when it
+starts, so a restart does not rediscover unchanged models.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -23,6 +28,8 @@ from storage.eventlog import EventLog
 from storage.registry import State
 
 log = logging.getLogger("modelium.watcher")
+
+READY_MARKER = ".modelium-ready"  # a copy tool may create it last: the folder is taken at once
 
 
 def scan_roots(roots: list[Path]) -> tuple[dict[str, FolderState], dict[str, Path]]:
@@ -52,10 +59,13 @@ class Watcher(Actor):
         self.settle_s = settle_s
         self.options = options
         self.known: dict[str, str] = {}
+        self.seen: dict[str, str] = {}  # fingerprints of the previous scan (to tell a folder still changing)
         self.scans = 0
 
     async def on_start(self) -> None:
         self.known = {name: m.fingerprint for name, m in self.registry.models.items() if not m.removed}
+        self.seen = {}
+        self.scans = 0
 
     async def background(self) -> None:
         while True:
@@ -69,9 +79,13 @@ class Watcher(Actor):
         found, root_of = await trio.to_thread.run_sync(scan_roots, self.roots)
         added, changed, removed = diff(self.known, {n: s.fingerprint for n, s in found.items()})
         now = time.time()
+        first = self.scans == 0
+        seen, self.seen = self.seen, {n: s.fingerprint for n, s in found.items()}
         for name in added + changed:
             st = found[name]
-            if now - st.newest_mtime < self.settle_s:
+            ready = os.path.exists(os.path.join(st.path, READY_MARKER))
+            settled = now - st.newest_mtime >= self.settle_s and (first or seen.get(name) == st.fingerprint)
+            if not (ready or settled):
                 continue  # still being written; look again next scan
             result = await trio.to_thread.run_sync(
                 lambda: analyse(Path(st.path), name=name, root=root_of[name], options=self.options))

@@ -6,7 +6,8 @@
   a busy server has), until everything is committed;
 * the same rows through raw SQLite ``executemany`` in one transaction, for comparison;
 * ``flush`` latency (publish one event, wait until durable) p50/p99;
-* restart time: rebuilding the registry by folding a log of ``--restart-events`` events;
+* restart time for a log of ``--restart-events`` events: rebuilding the registry from a snapshot
+  at its end (plus the empty tail), and by folding every event;
 * fan-out throughput to ``--subscribers`` live subscribers.
 """
 
@@ -24,9 +25,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modelium.messages import RequestArrived, RequestFinished  # noqa: E402
-from storage.eventlog import EventLog, encode, read_events  # noqa: E402
-from storage.registry import fold  # noqa: E402
+from modelium.messages import ModelDiscovered, ModelSpec, RequestArrived, RequestFinished  # noqa: E402
+from storage.eventlog import EventLog, encode  # noqa: E402
+from storage.registry import State, apply  # noqa: E402
+from storage.snapshot import encode_state, rebuild, state_schema  # noqa: E402
 
 
 def request_events(n: int):
@@ -85,14 +87,23 @@ async def flush_latency(path: Path, n: int = 500) -> list[float]:
     return out
 
 
-async def fill(path: Path, n: int) -> None:
+async def fill(path: Path, n: int, *, snapshot: bool) -> None:
+    """A log of ``n`` events (8 models' traffic), folded live; with a snapshot at the end or not."""
     log = EventLog(path, commit_rows=16384)
+    state = State()
+    log.add_projection(lambda seq, e: apply(state, seq, e))
     async with trio.open_nursery() as nursery:
         await nursery.start(log.run)
-        for i, e in enumerate(request_events(n)):
+        for m in range(8):
+            log.publish(ModelDiscovered(model=f"model-{m}", spec=ModelSpec(
+                name=f"model-{m}", path=f"/models/model-{m}", fingerprint="f", architecture="LlamaForCausalLM",
+                model_type="llama", task="text-generation", weight_bytes=2**30)))
+        for i, e in enumerate(request_events(n - 8)):
             log.publish(e)
             if i % 5000 == 4999:
                 await trio.sleep(0)
+        if snapshot:
+            log.save_snapshot(state_schema(), encode_state(state))
         await log.flush()
         nursery.cancel_scope.cancel()
     log.close()
@@ -145,12 +156,16 @@ def main() -> None:
         lat = sorted(trio.run(flush_latency, tmp / "f.db"))
         print(f"flush latency:                p50 {1000 * statistics.median(lat):.2f} ms, "
               f"p99 {1000 * lat[int(len(lat) * 0.99) - 1]:.2f} ms (synchronous=NORMAL)")
-        trio.run(fill, tmp / "r.db", a.restart_events)
-        t0 = time.perf_counter()
-        state = fold(read_events(tmp / "r.db"))
-        dt = time.perf_counter() - t0
-        print(f"restart (fold, no snapshot):  {dt:.2f} s for {a.restart_events:,} events "
-              f"({len(state.models)} models)")
+        for snap in (False, True):
+            db = tmp / f"r{int(snap)}.db"
+            trio.run(lambda: fill(db, a.restart_events, snapshot=snap))
+            t0 = time.perf_counter()
+            r = rebuild(db)
+            dt = time.perf_counter() - t0
+            label = "with a snapshot" if snap else "without snapshot"
+            print(f"restart ({label}):{' ' * (13 - len(label))}{dt:6.2f} s for {a.restart_events:,} events "
+                  f"(snapshot at {r.snapshot_seq:,}, {r.tail_events:,} events folded, "
+                  f"{sum(m.stats.ok for m in r.state.models.values()):,} requests counted)")
         fo = trio.run(fanout, tmp / "s.db", a.events // 4, a.subscribers)
         print(f"fan-out to {a.subscribers} subscribers:    {fo:12,.0f} deliveries/s "
               f"({a.events // 4:,} events each)")

@@ -9,6 +9,7 @@ commits what is queued and records ``ServerStopped``.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import signal
@@ -154,7 +155,8 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
     options = AnalysisOptions(
         allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
         context_tokens=settings.context_tokens, concurrency=settings.concurrency,
-        gpu_present=any(d.kind == "gpu" and not d.fake for d in devs), vllm_available=False,
+        gpu_present=any(d.kind == "gpu" and not d.fake for d in devs),
+        vllm_available=importlib.util.find_spec("vllm") is not None,
         runtime_overhead_bytes=settings.runtime_overhead,
     )
     try:

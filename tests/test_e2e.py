@@ -178,8 +178,16 @@ def test_kill9_then_restart_keeps_the_models_and_leaves_no_worker_behind(make_se
 def test_bad_requests_get_clear_errors_and_do_not_disturb_others(make_server, tiny_llama):
     server = make_server().start()
     copy_model(tiny_llama, server.models, "alpha")
+    broken = copy_model(tiny_llama, server.models, "broken")
+    (broken / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')  # cut short
     server.wait_model("alpha")
+    invalid = server.wait_model("broken", state="invalid")
+    assert "config.json" in invalid["reason"] and "JSON" in invalid["reason"]
     c = client(server)
+    assert [m.id for m in c.models.list().data] == ["alpha"]  # only what can be served
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="broken", prompt="Hello", max_tokens=3)
+    assert "cannot be served" in e.value.response.json()["error"]["message"]
 
     def good():
         return c.completions.create(model="alpha", prompt="Hello there", max_tokens=3)
@@ -217,6 +225,9 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(make_server, ti
     r = server.post("/v1/completions", content=b"")
     assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
     assert server.get("/no/such/route").status_code == 404
+    for sneaky in ("/models/..%2F..%2Fetc%2Fpasswd", "/models/%2e%2e", "/models/alpha%00"):
+        r = server.get(sneaky)
+        assert r.status_code == 404 and r.json()["error"]["code"] in ("model_not_found", "not_found")
     assert server.get("/models/nope").json()["error"]["code"] == "model_not_found"
     # the server is still fine
     assert good().usage.completion_tokens >= 1
