@@ -229,8 +229,21 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(make_server, ti
         r = server.get(sneaky)
         assert r.status_code == 404 and r.json()["error"]["code"] in ("model_not_found", "not_found")
     assert server.get("/models/nope").json()["error"]["code"] == "model_not_found"
-    # the server is still fine
-    assert good().usage.completion_tokens >= 1
+    # the log can be read while the server writes it, and followed
+    out = subprocess.run([sys.executable, "-m", "modelium", "events", str(server.db), "--type", "Load", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and '"model": "alpha"' in out.stdout and '"type": "Load"' in out.stdout
+    follow = subprocess.Popen([sys.executable, "-m", "modelium", "events", str(server.db), "--follow",
+                               "--since", str(server.get("/health").json()["seq"]), "--type", "RequestFinished"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        # the server is still fine
+        assert good().usage.completion_tokens >= 1
+        line = follow.stdout.readline()
+        assert "RequestFinished" in line and "model=alpha" in line and "status=ok" in line
+    finally:
+        follow.terminate()
+        follow.wait(10)
     assert server.get("/health").json()["status"] == "ok"
     server.stop()
     result = replay(server.db)
