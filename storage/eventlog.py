@@ -309,7 +309,9 @@ class EventLog:
             self._conn.close()
             self._release_lock()
             raise LogError(damaged(self.path, e)) from e
-        self.last_seq: int = row[0] or 0
+        floor = self._conn.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
+        # after a lossy recovery, seqs that once existed are not handed out again
+        self.last_seq: int = max(row[0] or 0, int(floor[0]) if floor else 0)
         self.committed_seq: int = self.last_seq
         self.first_seq_this_run = self.last_seq + 1
         self._pending: list[tuple[int, float, str, str | None, int, bytes]] = []

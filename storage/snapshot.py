@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from storage.eventlog import _check_schema, _connect, read_events
+from storage.eventlog import LogError, _check_schema, _connect, damaged, read_events
 from storage.registry import State, fold
 
 FOLD_VERSION = 1
@@ -55,10 +55,9 @@ class Rebuild:
 
 def latest_snapshot(conn: sqlite3.Connection) -> tuple[int, State | None, int]:
     """(seq, state, skipped) of the newest usable snapshot; (0, None, skipped) when there is none."""
-    try:
-        rows = conn.execute("SELECT seq, schema, body FROM snapshots ORDER BY seq DESC").fetchall()
-    except sqlite3.OperationalError:  # a log from before snapshots existed
-        return 0, None, 0
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='snapshots'").fetchone():
+        return 0, None, 0  # a log from before snapshots existed
+    rows = conn.execute("SELECT seq, schema, body FROM snapshots ORDER BY seq DESC").fetchall()
     skipped = 0
     want = state_schema()
     for seq, schema, body in rows:
@@ -80,6 +79,8 @@ def rebuild(path: str | Path) -> Rebuild:
     try:
         _check_schema(conn, path)
         seq, state, skipped = latest_snapshot(conn)
+    except sqlite3.DatabaseError as e:
+        raise LogError(damaged(path, e)) from e
     finally:
         conn.close()
     tail = 0
