@@ -38,6 +38,8 @@ from storage.snapshot import encode_state, rebuild, state_schema
 
 log = logging.getLogger("modelium.system")
 
+API_CLOSE_S = 2.0  # once drained, how long the HTTP server may take to write its last answers
+
 
 def worker_tag(db: Path) -> str:
     """Marks the worker processes of the server that owns ``db`` (to find orphans later)."""
@@ -87,6 +89,7 @@ class System:
     backend: HFBackend
     allocators: dict[str, Allocator] = field(default_factory=dict)
     address: str = ""
+    stopping: bool = False
     stop_accepting: trio.Event = field(default_factory=trio.Event)  # set: the API stops listening
     api_stopped: trio.Event = field(default_factory=trio.Event)
     root: trio.Nursery | None = None
@@ -98,13 +101,15 @@ class System:
         snapshots the registry."""
         drain_s = self.settings.drain_s if drain_s is None else drain_s
         log.info("shutting down: draining %d request(s) for up to %g s", self.router.busy, drain_s)
-        await self.router.tell(StopAdmitting())
-        self.stop_accepting.set()
+        self.stopping = True
+        await self.router.tell(StopAdmitting())  # from here the API answers new work with a 503
         with trio.move_on_after(drain_s):
             await self.router.drained()
-            await self.api_stopped.wait()
         if self.router.busy:
             log.warning("%d request(s) still unanswered after %g s; stopping anyway", self.router.busy, drain_s)
+        self.stop_accepting.set()  # close the listener; answers being written get a moment
+        with trio.move_on_after(API_CLOSE_S + 1):
+            await self.api_stopped.wait()
         if self.root is not None:
             self.root.cancel_scope.cancel()
 

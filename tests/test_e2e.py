@@ -264,6 +264,12 @@ def test_sigterm_drains_admitted_requests_then_stops_in_order(make_server, tiny_
         while server.get("/models/alpha").json()["pending"] == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         server.proc.send_signal(subprocess.signal.SIGTERM)
+        while server.get("/health").json()["status"] != "stopping":
+            time.sleep(0.01)
+        # while it drains, new work is refused with a reason (the long request is still running)
+        assert not long.done()
+        late = server.post("/v1/completions", json={"model": "alpha", "prompt": "too late", "max_tokens": 2})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
         answer = long.result(timeout=60)  # admitted before the signal: it is answered
     assert answer.usage.completion_tokens >= 1 and answer.choices[0].finish_reason in ("length", "stop")
     assert server.proc.wait(30) == 0

@@ -154,7 +154,7 @@ def create_app(system: Any) -> QuartTrio:
     async def health():
         models = registry.models.values()
         return {
-            "status": "ok",
+            "status": "stopping" if getattr(system, "stopping", False) else "ok",
             "version": modelium.__version__,
             "seq": system.log.last_seq,
             "committed_seq": system.log.committed_seq,

@@ -11,6 +11,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from modelium.api.app import create_app
+from modelium.system import API_CLOSE_S
 
 log = logging.getLogger("modelium.api")
 
@@ -23,7 +24,7 @@ async def serve_http(system: Any, *, task_status=trio.TASK_STATUS_IGNORED) -> No
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.graceful_timeout = settings.drain_s  # in-flight HTTP requests get the drain deadline
+    config.graceful_timeout = API_CLOSE_S  # requests were drained by the router before this
     try:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(functools.partial(serve, app, config, mode="asgi",
