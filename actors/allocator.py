@@ -51,10 +51,12 @@ class Allocator(Actor):
 
     async def handle(self, msg: Any, reply: Reply | None) -> Any:
         if isinstance(msg, Reserve):
+            again = self.ledger.held.get(msg.model) == msg.bytes
             why = self.ledger.reserve(msg.model, msg.bytes)
             if why is not None:
                 return Refused(device=self.device.name, reason=why)
-            self.log.publish(Reserved(device=self.device.name, model=msg.model, bytes=msg.bytes))
+            if not again:
+                self.log.publish(Reserved(device=self.device.name, model=msg.model, bytes=msg.bytes))
             return Granted(device=self.device.name, bytes=msg.bytes)
         if isinstance(msg, Release):
             if msg.model not in self.ledger.held:

@@ -30,10 +30,14 @@ class Brain(Actor):
         seq = self.log.publish(BrainStarted(policy=self.policy.name, settings=self.policy.settings))
         # the live registry is folded inside publish, so right now it is the fold through `seq`
         decider = Decider.resume(self.registry, self.policy)
-        async for seq, event in self.log.subscribe(since=seq):
-            for decision in decider.feed(seq, event):
-                self.log.publish(decision)
-                self.decisions += 1
+        sub = self.log.subscribe(since=seq)
+        try:
+            async for seq, event in sub:
+                for decision in decider.feed(seq, event):
+                    self.log.publish(decision)
+                    self.decisions += 1
+        finally:
+            sub.close()
 
     async def handle(self, msg, reply):
         raise TypeError(f"the brain takes no messages ({type(msg).__name__})")

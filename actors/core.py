@@ -97,7 +97,10 @@ class Actor:
         send, recv = trio.open_memory_channel(1)
         reply = Reply(send, self)
         with trio.fail_after(timeout) if timeout is not None else trio.CancelScope():
-            await self._send.send((msg, reply))
+            try:
+                await self._send.send((msg, reply))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ActorDied(f"{self.name} is gone") from None
             ok, value = await recv.receive()
         if ok:
             return value
@@ -113,6 +116,10 @@ class Actor:
 
     async def handle(self, msg: Any, reply: Reply | None) -> Any:
         raise NotImplementedError
+
+    def on_stop(self) -> None:
+        """(Synchronous) the mailbox loop ended (crash or cancellation): settle what is owed,
+        before the replies still deferred are failed with ActorDied."""
 
     def defer(self, reply: Reply | None) -> object:
         if reply is not None:
@@ -135,6 +142,7 @@ class Actor:
                         await self._dispatch(msg, reply)
         finally:
             self.nursery = None
+            self.on_stop()
             died = ActorDied(f"{self.name} stopped before answering")
             for r in list(self._deferred):
                 r.fail(died)

@@ -107,15 +107,20 @@ class Router(Actor):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def on_start(self) -> None:
-        # after a crash: whatever was queued or in flight is answered and closed in the log
+    def on_stop(self) -> None:
+        # a crash or the server stopping: every request admitted and not answered is answered
+        # now and closed in the log (exactly one RequestFinished each)
         lost = [p for dq in self.q.waiting.values() for p in dq] + list(self.inflight.values())
         for p in lost:
-            self._finish(p, "cancelled", error="the router restarted", exc=ServeError(
-                503, "the request was lost because the router restarted; retry it", code="router_restarted"))
-        self.q = _Queues()
+            self._finish(p, "cancelled", error="the router stopped", exc=ServeError(
+                503, "the request was not served: the router stopped (a restart or a shutdown); retry it",
+                code="router_stopped"))
+        self.q.waiting.clear()
         self._deadlines.clear()
         self.inflight.clear()
+        for slot in self.q.runners.values():
+            slot.inflight = 0  # their tasks are gone; the runners themselves are not
+        self._check_idle()
 
     async def background(self) -> None:
         while True:
@@ -185,6 +190,7 @@ class Router(Actor):
     async def _run_on(self, slot: _RunnerSlot, p: Pending) -> None:
         p.dispatched_at = trio.current_time()
         requeue = False
+        stopped = False  # the router itself is stopping: on_stop settles the request
         try:
             with trio.move_on_at(p.deadline) as scope:
                 result: CompletionResult = await slot.runner.ask(Infer(request_id=p.request_id,
@@ -204,14 +210,29 @@ class Router(Actor):
         except ActorDied as exc:
             requeue = True
             log.info("runner of %s went away mid-request (%s); request requeued", p.model, exc)
+        except trio.Cancelled:
+            stopped = True
+            raise
         finally:
-            slot.inflight -= 1
-            self.inflight.pop(p.request_id, None)
-            if requeue:
-                p.queued = True
-                self.q.waiting.setdefault(p.model, deque()).appendleft(p)
-            self._pump(p.model)
-            self._check_idle()
+            if not stopped:
+                slot.inflight -= 1
+                self.inflight.pop(p.request_id, None)
+                if requeue:
+                    self._requeue(p)
+                self._pump(p.model)
+                self._check_idle()
+
+    def _requeue(self, p: Pending) -> None:
+        """Back to the head of its queue (its runner went away), unless its time is up."""
+        if trio.current_time() >= p.deadline:
+            self._finish(p, "timeout", error="deadline passed while its runner went away", exc=ServeError(
+                504, f"The request timed out after {p.submit.timeout_s:g} s", code="timeout"))
+            return
+        p.queued = True
+        p.dispatched_at = 0.0
+        self.q.waiting.setdefault(p.model, deque()).appendleft(p)
+        heapq.heappush(self._deadlines, (p.deadline, next(self._tiebreak), p))
+        self._timer_wake.set()
 
     def _finish(self, p: Pending, status: str, *, result: CompletionResult | None = None, error: str = "",
                 exc: BaseException | None = None) -> None:

@@ -89,6 +89,7 @@ class Runner(Actor):
         try:
             return await self._life()
         finally:
+            self._close_mailbox()
             # cancelled from outside: the server is stopping, and the allocators with it
             server_stopping = trio.current_effective_deadline() == float("-inf")
             with trio.CancelScope(shield=True):
@@ -129,6 +130,8 @@ class Runner(Actor):
                 code = await self.worker.wait_exit()
                 if not self.stopping:
                     exit_code.append(code)
+                    self.stopping = True
+                    await self.router.tell(RunnerGone(model=m, runner=self))  # no more requests here
                     n.cancel_scope.cancel()
 
             n.start_soon(watch_worker)
@@ -140,11 +143,24 @@ class Runner(Actor):
                     await self._drained.wait()
             n.cancel_scope.cancel()
         self.nursery = None
+        self._close_mailbox()
         if exit_code:
             code = exit_code[0]
             return WorkerCrashed(model=m, device=dev, exitcode=code,
                                  reason=f"worker process exited with {_describe_exit(code)}")
         return Unloaded(model=m, device=dev, reason=self.stop_reason or "")
+
+    def _close_mailbox(self) -> None:
+        """No one serves this mailbox any more: send what waits in it back to be requeued, and
+        make later asks fail at once (ActorDied) instead of waiting for an answer."""
+        while True:
+            try:
+                msg, reply = self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if reply is not None:
+                reply.fail(InferenceFailed("unloading", f"model {self.model} is no longer served here"))
+        self._recv.close()
 
     async def _mailbox(self) -> None:
         async for msg, reply in self._recv:
@@ -192,8 +208,8 @@ class Runners(Actor):
     name = "runners"
 
     def __init__(self, log: EventLog, registry: State, *, devices: dict[str, DeviceInfo],
-                 allocators: dict[str, Actor], router: Actor, backend: Any, grace_s: float = 30.0,
-                 max_inflight: int = 8):
+                 allocators: dict[str, Actor], router: Actor, backend: Any, runner_nursery: trio.Nursery,
+                 grace_s: float = 30.0, max_inflight: int = 8):
         super().__init__()
         self.log = log
         self.registry = registry
@@ -205,23 +221,19 @@ class Runners(Actor):
         self.max_inflight = max_inflight
         self.runners: dict[str, Runner] = {}
         self.executed = log.last_seq  # decisions up to here are not ours to carry out
-        self._runner_nursery: trio.Nursery | None = None
-
-    async def run(self) -> None:  # type: ignore[override]
-        # runners live in their own nursery so that an executor crash does not kill them
-        async with trio.open_nursery() as n:
-            self._runner_nursery = n
-            try:
-                await super().run()
-            finally:
-                for r in list(self.runners.values()):
-                    r.request_stop("server stopping")
-                n.cancel_scope.cancel()
+        # runners live in a nursery that outlives this executor: a crash of the executor (it is
+        # restarted and goes on from the last decision it finished) does not touch them; the
+        # server stopping cancels them, and each kills its worker on the way out
+        self._runner_nursery = runner_nursery
 
     async def background(self) -> None:
-        async for seq, decision in self.log.subscribe(since=self.executed, types=["Load", "Evict", "Reject"]):
-            await self.execute(decision)
-            self.executed = seq
+        sub = self.log.subscribe(since=self.executed, types=["Load", "Evict", "Reject"])
+        try:
+            async for seq, decision in sub:
+                await self.execute(decision)
+                self.executed = seq
+        finally:
+            sub.close()
 
     async def handle(self, msg, reply):
         raise TypeError(f"runners take no messages ({type(msg).__name__})")

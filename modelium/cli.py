@@ -103,10 +103,16 @@ def _replay(args: argparse.Namespace) -> int:
     from replay.incident import replay_decisions
     from storage.eventlog import LogError, read_events
 
+    from replay.incident import retention_horizon
+
     try:
-        report = replay_decisions(read_events(args.db))
+        horizon = retention_horizon(read_events(args.db, types=["RequestsRolledUp"]))
+        report = replay_decisions(read_events(args.db), horizon_seq=horizon)
     except LogError as e:
         print(f"modelium: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a policy this Modelium does not have, or settings it does not take
+        print(f"modelium: cannot replay {args.db}: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

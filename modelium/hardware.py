@@ -166,6 +166,8 @@ class Ledger:
         if nbytes < 0:
             return f"cannot reserve a negative size ({nbytes})"
         if model in self.held:
+            if self.held[model] == nbytes:
+                return None  # the same reservation asked again (an executor that restarted): granted
             return f"{model} already holds {format_bytes(self.held[model])} on {self.device}"
         if nbytes > self.free:
             return (

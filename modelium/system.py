@@ -179,7 +179,8 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
             router = sup.start(root, Router(elog, registry))
             runners = sup.start(root, Runners(elog, registry, devices={d.name: d for d in devs},
                                               allocators=allocators, router=router, backend=backend,
-                                              grace_s=settings.drain_s, max_inflight=settings.max_inflight))
+                                              runner_nursery=root, grace_s=settings.drain_s,
+                                              max_inflight=settings.max_inflight))
             brain = sup.start(root, Brain(elog, registry, policy))
             watcher = sup.start(root, Watcher(elog, registry, settings.models_dirs,
                                               interval_s=settings.scan_interval_s, settle_s=settings.settle_s,

@@ -12,7 +12,7 @@ the server stopped (or was killed) before the brain took them or before they wer
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -79,13 +79,23 @@ def _key(d: Decision) -> bytes:
     return msgspec.msgpack.encode(d)
 
 
+def retention_horizon(events: Iterable[tuple[int, Event]]) -> int:
+    """The last seq where retention rolled request events up (0: none)."""
+    return max((seq for seq, e in events if isinstance(e, RequestsRolledUp)), default=0)
+
+
 def replay_decisions(
     events: Iterable[tuple[int, Event]],
     *,
     policy_for: Callable[[BrainStarted], Policy] = policy_for,
+    horizon_seq: int | None = None,
 ) -> ReplayReport:
-    report = ReplayReport()
-    decider = Decider(policy_for=policy_for)
+    """Replay ``events`` (in seq order). ``horizon_seq``: see :func:`retention_horizon`; computed
+    here when ``events`` is a sequence, and must be given for a one-pass stream of a compacted log."""
+    if horizon_seq is None:
+        horizon_seq = retention_horizon(events) if isinstance(events, Sequence) else 0
+    report = ReplayReport(horizon_seq=horizon_seq)
+    decider = Decider(policy_for=policy_for, horizon=horizon_seq)
     computed: dict[int, list[Decision]] = defaultdict(list)
     logged: dict[int, list[Decision]] = defaultdict(list)
     trigger_type: dict[int, str] = {}
@@ -99,8 +109,6 @@ def replay_decisions(
             report.policies.append(event.policy)
         if isinstance(event, DECISIONS):
             logged[event.trigger].append(event)
-        elif isinstance(event, RequestsRolledUp):
-            report.horizon_seq = max(report.horizon_seq, event.last_seq)
         out = decider.feed(seq, event)
         if out:
             computed[seq].extend(out)

@@ -33,16 +33,15 @@ class Decider:
         plain: State | None = None,
         *,
         policy_for: Callable[[BrainStarted], Policy] = policy_for,
+        horizon: int = 0,
     ):
         self.plain = plain if plain is not None else State()  # the registry fold, in log order
         self.view: State | None = None  # the brain's view, once a BrainStarted was seen
         self.policy: Policy | None = None
         self._policy_for = policy_for
-        self._last = self.plain.seq
-        self._gaps: list[tuple[int, int]] = []  # seq ranges absent from the log (rolled up by retention)
-
-    def _missing(self, seq: int) -> bool:
-        return any(a <= seq <= b for a, b in reversed(self._gaps))
+        # up to this seq, request events were rolled up by retention: the view there cannot be
+        # what the live brain saw, so the logged decisions are taken as they are, none computed
+        self.horizon = horizon
 
     @classmethod
     def resume(cls, state: State, policy: Policy) -> Decider:
@@ -54,9 +53,6 @@ class Decider:
 
     def feed(self, seq: int, event: Event) -> list[Decision]:
         """Fold one logged event; return the decisions the brain takes on it (stamped)."""
-        if seq > self._last + 1:
-            self._gaps.append((self._last + 1, seq - 1))
-        self._last = seq
         apply(self.plain, seq, event)
         if isinstance(event, BrainStarted):
             self.view = self.plain.copy()
@@ -65,11 +61,12 @@ class Decider:
         if self.view is None:
             return []
         if isinstance(event, DECISIONS):
-            if self._missing(event.trigger):
-                # its trigger is no longer in the log (retention): take the decision as logged
-                apply(self.view, seq, event)
+            if event.trigger <= self.horizon:
+                apply(self.view, seq, event)  # taken as logged (see horizon)
             return []
         apply(self.view, seq, event)
+        if seq <= self.horizon:
+            return []
         decisions = [
             msgspec.structs.replace(d, ts=event.ts, policy=self.policy.name, trigger=seq)
             for d in self.policy.decide(self.view, event)

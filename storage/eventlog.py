@@ -19,6 +19,7 @@ Table: ``events(seq INTEGER PRIMARY KEY, ts REAL, type TEXT, model TEXT, v INTEG
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import time
@@ -33,6 +34,8 @@ import trio
 from modelium.messages import EVENT_TYPES, AnyEvent, Event, UnknownEvent, event_model
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger("modelium.eventlog")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -289,7 +292,7 @@ class EventLog:
     ):
         self.path = Path(path)
         if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA", "OFF"):
-            raise LogError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+            raise LogError(f"synchronous must be NORMAL, FULL, EXTRA or OFF, not {synchronous!r}")
         self.synchronous = synchronous.upper()
         self.commit_interval = commit_interval
         self.commit_rows = commit_rows
@@ -305,11 +308,11 @@ class EventLog:
             raise
         try:
             row = self._conn.execute("SELECT max(seq) FROM events").fetchone()
+            floor = self._conn.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
         except sqlite3.DatabaseError as e:
             self._conn.close()
             self._release_lock()
             raise LogError(damaged(self.path, e)) from e
-        floor = self._conn.execute("SELECT value FROM meta WHERE key = 'seq_floor'").fetchone()
         # after a lossy recovery, seqs that once existed are not handed out again
         self.last_seq: int = max(row[0] or 0, int(floor[0]) if floor else 0)
         self.committed_seq: int = self.last_seq
@@ -326,6 +329,7 @@ class EventLog:
         self._writer_running = False
         self._closed = False
         self.commits = 0
+        self.commit_failures = 0
         self.snapshots_written = 0
         self.retention_s = retention_s
         self.compact_every_s = compact_every_s
@@ -373,9 +377,13 @@ class EventLog:
                     (str(SCHEMA_VERSION), str(time.time())),
                 )
             _check_schema(conn, self.path)
-            conn.executescript(_SNAPSHOTS)
+            conn.executescript(_SCHEMA + _SNAPSHOTS)  # tables a log of an earlier version may lack
         except sqlite3.DatabaseError as e:
+            conn.close()
             raise LogError(damaged(self.path, e)) from e
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def close(self) -> None:
@@ -414,7 +422,10 @@ class EventLog:
         self._pending.append((seq, event.ts, type(event).__name__, event_model(event), event.V, body))
         self._ring[seq % self._ring_size] = (seq, event)
         for fn in self._projections:
-            fn(seq, event)
+            try:
+                fn(seq, event)
+            except Exception:  # noqa: BLE001 - a projection bug must not cost subscribers the event
+                log.exception("projection %r failed on seq %d (%s)", fn, seq, type(event).__name__)
         if self._subscribers:
             dropped = [s for s in self._subscribers if not s._offer(seq, event)]
             for s in dropped:
@@ -426,6 +437,8 @@ class EventLog:
     async def flush(self, seq: int | None = None) -> None:
         """Wait until ``seq`` (default: everything published so far) is committed."""
         target = self.last_seq if seq is None else seq
+        if target > self.last_seq:
+            raise LogError(f"cannot flush seq {target}: the last published seq is {self.last_seq}")
         while self.committed_seq < target:
             if not self._writer_running:
                 raise LogError("the event log's writer is not running")
@@ -463,13 +476,30 @@ class EventLog:
                              "(SELECT seq FROM snapshots ORDER BY seq DESC LIMIT ?)", (KEEP_SNAPSHOTS,))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         self.snapshots_written += len(snaps)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The writer task: group-commit queued events until cancelled, then commit the rest."""
         self._writer_running = True
+        async with trio.open_nursery() as nursery:
+            if self.retention_s is not None:
+                nursery.start_soon(self._retention_loop)
+            await self._writer(task_status)
+
+    async def _retention_loop(self) -> None:
+        """Compaction beside the writer (they take turns on the connection, chunk by chunk)."""
+        while True:
+            await trio.sleep(max(0.0, self._last_compact + self.compact_every_s - self.clock()))
+            self._last_compact = self.clock()
+            try:
+                await self.compact(self.clock() - self.retention_s)
+            except Exception:  # noqa: BLE001 - retention must never stop the log; it tries again later
+                log.exception("retention compaction failed; the next attempt is in %g s", self.compact_every_s)
+
+    async def _writer(self, task_status) -> None:
         task_status.started()
         try:
             while True:
@@ -483,13 +513,19 @@ class EventLog:
                 self._urgent = trio.Event()
                 batch, self._pending = self._pending[: self.commit_rows * 4], self._pending[self.commit_rows * 4 :]
                 snaps = self._take_snapshots(batch)
-                async with self._db_lock:
-                    await trio.to_thread.run_sync(self._commit, batch, snaps)
+                try:
+                    async with self._db_lock:
+                        await trio.to_thread.run_sync(self._commit, batch, snaps)
+                except sqlite3.OperationalError as e:
+                    # busy or a transient I/O error: nothing was written; keep the batch and retry
+                    self._pending[:0] = batch
+                    self._snapshots[:0] = snaps
+                    self.commit_failures += 1
+                    log.warning("commit of %d events failed (%s); retrying", len(batch), e)
+                    await trio.sleep(min(1.0, 0.01 * 2 ** min(self.commit_failures, 7)))
+                    continue
                 if batch:
                     self._mark_committed(batch[-1][0])
-                if self.retention_s is not None and self.clock() - self._last_compact >= self.compact_every_s:
-                    self._last_compact = self.clock()
-                    await self.compact(self.clock() - self.retention_s)
         finally:
             with trio.CancelScope(shield=True):
                 if (self._pending or self._snapshots) and not self._closed:
@@ -515,14 +551,24 @@ class EventLog:
         from storage.retention import plan_rollup
 
         conn = self._conn
+        # never past the oldest kept snapshot: a rollup stored after a snapshot would count, in a
+        # rebuild from that snapshot, events the snapshot already holds
+        oldest = conn.execute("SELECT min(seq) FROM snapshots").fetchone()[0]
+        upto = min(self.committed_seq, oldest) if oldest is not None else self.committed_seq
         rows = conn.execute(
             "SELECT seq, type, v, body FROM events WHERE type IN ('RequestArrived', 'RequestFinished') "
             "AND ts < ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-            (horizon, after, self.committed_seq, chunk)).fetchall()
+            (horizon, after, upto, chunk)).fetchall()
         if not rows:
             return 0, None
         nxt = rows[-1][0] if len(rows) == chunk else None
-        delete, rollups = plan_rollup((seq, decode_row(t, v, b)) for seq, t, v, b in rows)
+        decoded = []
+        for seq, t, v, b in rows:
+            try:
+                decoded.append((seq, decode_row(t, v, b)))
+            except (msgspec.DecodeError, msgspec.ValidationError, LogError):
+                log.warning("retention skips event %d: it does not decode", seq)
+        delete, rollups = plan_rollup(decoded)
         if not delete:
             return 0, nxt
         conn.execute("BEGIN IMMEDIATE")
@@ -533,7 +579,8 @@ class EventLog:
                 [(seq, e.ts, type(e).__name__, e.model, e.V, _encoder.encode(e)) for seq, e in rollups])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         return len(delete), nxt
 

@@ -83,7 +83,8 @@ class ModelEntry:
     failed_at: float = 0.0
     crashes: int = 0
     stale: bool = False  # files changed while resident: reload on next use
-    removed: bool = False  # folder gone while resident: drop after unload
+    invalid_reason: str = ""  # became invalid while resident: invalid once unloaded
+    removed: bool = False  # folder gone while resident or awaited: dropped once neither
     pid: int = 0
     stats: RequestStats = field(default_factory=RequestStats)
 
@@ -135,14 +136,21 @@ def _forget_placement(m: ModelEntry) -> None:
     m.pid = 0
 
 
+def _drop_if_gone(state: State, m: ModelEntry) -> None:
+    """A removed model's entry stays while it is resident or requests still wait on it."""
+    if m.removed and m.state not in RESIDENT and not m.pending:
+        del state.models[m.name]
+
+
 def _unloaded(state: State, m: ModelEntry, reason: str) -> None:
     _forget_placement(m)
-    if m.removed:
-        del state.models[m.name]
-        return
-    m.state = "unloaded"
-    m.reason = reason
     m.stale = False
+    if m.invalid_reason:
+        m.state, m.reason, m.spec, m.invalid_reason = "invalid", m.invalid_reason, None, ""
+    else:
+        m.state = "unloaded"
+        m.reason = reason
+    _drop_if_gone(state, m)
 
 
 def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one branch per event
@@ -161,6 +169,7 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         if m is not None:
             m.pending.pop(event.request_id, None)
             m.last_used = event.ts
+            _drop_if_gone(state, m)
             st = m.stats
             setattr(st, event.status, getattr(st, event.status) + 1)
             st.prompt_tokens += event.prompt_tokens
@@ -187,6 +196,8 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.rejected_through = seq
             if m.state in RESIDENT:
                 _unloaded(state, m, "server restarted")
+            else:
+                _drop_if_gone(state, m)
         for d in state.devices.values():
             d.reserved.clear()
     elif t is ModelDiscovered or t is ModelChanged:
@@ -197,7 +208,9 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         m.path = event.spec.path
         m.fingerprint = event.spec.fingerprint
         m.removed = False
+        m.invalid_reason = ""
         m.failures = 0
+        m.crashes = 0
         if m.state in RESIDENT:
             m.stale = t is ModelChanged
         else:
@@ -210,20 +223,19 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m = state.models[event.model] = ModelEntry(name=event.model, discovered_at=event.ts)
         m.path = event.path
         m.fingerprint = event.fingerprint
-        m.reason = event.reason
         m.removed = False
         if m.state in RESIDENT:
             m.stale = True
+            m.invalid_reason = event.reason
         else:
             m.state = "invalid"
+            m.reason = event.reason
             m.spec = None
     elif t is ModelRemoved:
         m = state.models.get(event.model)
         if m is not None:
-            if m.state in RESIDENT:
-                m.removed = True
-            else:
-                del state.models[event.model]
+            m.removed = True
+            _drop_if_gone(state, m)
     elif t is DeviceRegistered:
         old = state.devices.get(event.device)
         state.devices[event.device] = DeviceEntry(
@@ -280,11 +292,11 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             _forget_placement(m)
             m.failures += 1
             m.failed_at = event.ts
-            if m.removed:
-                del state.models[m.name]
-            else:
-                m.state = "failed"
-                m.reason = event.reason
+            m.state = "failed"
+            m.reason = event.reason
+            if m.invalid_reason:
+                m.state, m.reason, m.spec, m.invalid_reason = "invalid", m.invalid_reason, None, ""
+            _drop_if_gone(state, m)
     elif t is Unloaded:
         m = _model(state, event.model)
         if m is not None:

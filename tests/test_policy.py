@@ -129,8 +129,49 @@ def test_changed_or_removed_models_are_evicted_once_idle():
 
 def test_policies_are_built_by_name_with_settings():
     p = make_policy("lru", {"keep_alive_s": 10})
-    assert p.name == "lru" and p.settings == {"keep_alive_s": 10.0, "retry_failed_s": 30.0}
+    assert p.name == "lru" and p.settings == {"keep_alive_s": 10.0, "retry_failed_s": 30.0, "max_crashes": 3}
     with pytest.raises(UnknownPolicy, match="unknown policy 'nope'"):
         make_policy("nope")
     with pytest.raises(UnknownPolicy, match="bad settings"):
         make_policy("lru", {"keep_alive": 1})
+
+
+def test_requests_waiting_on_a_model_that_is_removed_or_becomes_invalid_are_rejected():
+    from modelium.messages import ModelInvalid
+
+    s = Script()
+    s.device()
+    s.model("a")
+    s.model("b")
+    s.add(LoadFailed(model="a", device="cpu", reason="x"))  # waiting out the retry delay
+    s.add(LoadFailed(model="b", device="cpu", reason="x"))
+    s.arrive("a", "ra")
+    s.arrive("b", "rb")
+    s.add(Tick(), dt=1)
+    s.add(ModelRemoved(model="a"))
+    s.add(ModelInvalid(model="b", path="/m/b", reason="config.json is not valid JSON"))
+    out = {d.model: d for d in decide(s)}
+    assert out["a"].status == 404 and out["a"].reason == "model a was removed"
+    assert out["b"].status == 400 and "not valid JSON" in out["b"].reason
+    view = fold(s.events)
+    assert "a" in view.models  # kept while a request waits on it ...
+    s.finish("a", "ra", status="rejected")
+    assert "a" not in fold(s.events).models  # ... and dropped once none does
+
+
+def test_a_model_whose_worker_keeps_crashing_is_rejected_for_a_while():
+    from modelium.messages import WorkerCrashed
+
+    s = Script()
+    s.device()
+    s.model("a")
+    for _ in range(3):
+        s.add(Load(model="a", device="cpu", bytes=100 * MiB, reason=""))
+        s.loaded("a")
+        s.add(WorkerCrashed(model="a", device="cpu", exitcode=-11, reason="signal SIGSEGV"))
+    s.arrive("a", "r1")
+    [d] = decide(s)
+    assert isinstance(d, Reject) and "crashed 3 times" in d.reason and "SIGSEGV" in d.reason
+    s.add(Tick(), dt=31)
+    s.arrive("a", "r2")
+    assert kinds(decide(s)) == [("Load", "a")]

@@ -120,3 +120,16 @@ def test_copies_are_independent():
     c = st.copy()
     c.models["a"].state = "ready"
     assert st.models["a"].state == "discovered"
+
+
+def test_a_model_that_becomes_invalid_while_loaded_is_invalid_once_unloaded():
+    s = Script()
+    s.model("a")
+    s.add(Load(model="a", device="cpu", bytes=1, reason=""))
+    s.loaded("a")
+    s.add(ModelInvalid(model="a", path="/m/a", reason="model.safetensors: truncated header"))
+    a = fold(s.events).models["a"]
+    assert a.state == "ready" and a.stale and a.spec is not None  # still serving the loaded copy
+    s.add(Unloaded(model="a", device="cpu", reason="files changed"))
+    a = fold(s.events).models["a"]
+    assert (a.state, a.spec) == ("invalid", None) and "truncated header" in a.reason

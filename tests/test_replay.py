@@ -112,3 +112,36 @@ def test_after_retention_decisions_past_the_horizon_still_replay_exactly():
     horizon = max(r.last_seq for _, r in rollups)
     assert report.horizon_seq == horizon and report.not_compared > 0
     assert report.ok and report.reproduced == report.logged - report.not_compared > 0
+
+
+def test_replay_after_retention_with_a_tick_while_a_request_was_open():
+    """Inside the rolled-up range the view cannot be what the brain saw (open requests are gone):
+    the logged decisions are taken there, and everything past the horizon is compared exactly."""
+    from modelium.messages import RequestArrived, RequestFinished
+    from storage.retention import plan_rollup
+
+    s = Script()
+    s.device("cpu", 500)
+    s.model("a", 100)
+    s.model("b", 100)
+    s.add(BrainStarted(policy="lru", settings={"keep_alive_s": 5.0, "retry_failed_s": 30.0}))
+    brain = LiveBrain(s)
+    s.arrive("a", "r0")
+    world(s, brain)
+    s.add(Tick(), dt=10)  # a is busy (r0 open) at this tick: the live brain keeps it
+    world(s, brain)
+    s.finish("a", "r0")
+    world(s, brain)
+    s.arrive("b", "r1")
+    world(s, brain)
+    s.finish("b", "r1")
+    s.add(Tick(), dt=10)  # now a and b are idle past the keep-alive
+    world(s, brain)
+    requests = [(q, e) for q, e in s.events if isinstance(e, (RequestArrived, RequestFinished))]
+    delete, rollups = plan_rollup(requests[:2])  # r0, which was open during the first tick
+    kept = sorted([(q, e) for q, e in s.events if q not in set(delete)] + rollups, key=lambda x: x[0])
+    report = replay_decisions(kept)
+    assert report.horizon_seq == rollups[-1][0]
+    assert report.ok and report.not_compared >= 1 and report.reproduced == report.logged - report.not_compared
+    idle = [e for q, e in kept if isinstance(e, Evict) and "idle for" in e.reason]
+    assert idle and all(e.trigger > report.horizon_seq for e in idle)  # compared, and reproduced

@@ -91,3 +91,34 @@ async def test_compaction_keeps_decisions_lifecycle_and_the_fold(tmp_path):
     # seqs keep their order: each rollup sits where its minute's last event was
     seqs = [s for s, _ in after_events]
     assert seqs == sorted(seqs) and len(seqs) < len(kinds_before)
+
+
+async def test_compaction_never_rolls_past_a_snapshot(tmp_path):
+    """A rollup stored after a snapshot would be counted again by a rebuild from it."""
+    from storage.snapshot import encode_state, rebuild, state_schema
+    from storage.registry import State, apply
+
+    now = [100_000.0]
+    db = tmp_path / "log.db"
+    log = EventLog(db, clock=lambda: now[0])
+    live = State()
+    log.add_projection(lambda seq, e: apply(live, seq, e))
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        log.publish(ModelDiscovered(model="a", spec=spec("a")))
+        for i in range(20):  # all within one minute
+            now[0] += 1.0
+            log.publish(RequestArrived(model="a", request_id=f"q{i}"))
+            log.publish(RequestFinished(model="a", request_id=f"q{i}", status="ok", completion_tokens=1))
+            if i == 9:
+                snap = log.save_snapshot(state_schema(), encode_state(live))
+        await log.flush()
+        replaced = await log.compact(now[0] + 1000)
+        n.cancel_scope.cancel()
+    log.close()
+    assert replaced == 20  # only the ten requests before the snapshot (at seq 21)
+    assert snap == 21
+    r = rebuild(db)
+    assert r.snapshot_seq == 21
+    assert r.state.models["a"].stats.ok == live.models["a"].stats.ok == 20
+    assert fold(read_events(db)).models["a"].stats.ok == 20

@@ -45,13 +45,13 @@ class CompletionRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=256)
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
-    stream: bool = False
+    n: int = Field(1, strict=True)
+    stream: bool = Field(False, strict=True)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -107,6 +107,8 @@ async def read_json() -> tuple[Any, Response | None]:
         return json.loads(raw), None
     except (ValueError, UnicodeDecodeError) as e:
         return None, error(400, f"the request body is not valid JSON: {e}", code="invalid_json")
+    except RecursionError:
+        return None, error(400, "the request body is nested too deeply", code="invalid_json")
 
 
 def validation_error(e: ValidationError) -> Response:

@@ -7,8 +7,9 @@ On every trigger it reconciles the whole view, in this order:
 2. on a ``Tick``, ready models idle for ``keep_alive_s`` or more are evicted;
 3. every model with waiting requests that is not resident is placed: on the first device where
    it fits; else on the first device where evicting least-recently-used idle models makes room;
-   requests for a model that can fit nowhere, was removed, or failed to load less than
-   ``retry_failed_s`` ago are rejected with the reason. When memory is held by busy or loading
+   requests for a model that can fit nowhere, was removed, became invalid, failed to load less
+   than ``retry_failed_s`` ago, or whose worker crashed ``max_crashes`` times (the last less than
+   ``retry_failed_s`` ago) are rejected with the reason. When memory is held by busy or loading
    models the requests simply keep waiting: a later trigger (a request finishing) places them.
 
 Devices are tried GPUs first, then by name; models by the arrival of their oldest waiting request.
@@ -26,15 +27,17 @@ from modelium.policies.base import ClusterView, Decision, Evict, Load, ModelView
 class LRUPolicy:
     name = "lru"
 
-    def __init__(self, keep_alive_s: float = 300.0, retry_failed_s: float = 30.0):
-        if keep_alive_s < 0 or retry_failed_s < 0:
-            raise ValueError("keep_alive_s and retry_failed_s must be >= 0")
+    def __init__(self, keep_alive_s: float = 300.0, retry_failed_s: float = 30.0, max_crashes: int = 3):
+        if keep_alive_s < 0 or retry_failed_s < 0 or max_crashes < 1:
+            raise ValueError("keep_alive_s and retry_failed_s must be >= 0, max_crashes >= 1")
         self.keep_alive_s = float(keep_alive_s)
         self.retry_failed_s = float(retry_failed_s)
+        self.max_crashes = int(max_crashes)
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {"keep_alive_s": self.keep_alive_s, "retry_failed_s": self.retry_failed_s}
+        return {"keep_alive_s": self.keep_alive_s, "retry_failed_s": self.retry_failed_s,
+                "max_crashes": self.max_crashes}
 
     def decide(self, view: ClusterView, trigger: Event) -> list[Decision]:
         now = trigger.ts
@@ -63,12 +66,23 @@ class LRUPolicy:
             if m.device in used and m.state in ("loading", "ready"):
                 used[m.device] -= m.bytes
 
-        wanting = [m for m in models if m.waiting and m.state in ("discovered", "unloaded", "failed")]
+        wanting = [m for m in models if m.waiting and m.state in ("discovered", "unloaded", "failed", "invalid")]
         wanting.sort(key=lambda m: m.waiting[0])
         for m in wanting:
             n = len(m.waiting)
-            if m.removed or m.spec is None:
+            if m.removed:
                 out.append(Reject(model=m.name, reason=f"model {m.name} was removed", through=view.seq, status=404))
+                continue
+            if m.state == "invalid" or m.spec is None:
+                out.append(Reject(model=m.name, through=view.seq, status=400,
+                                  reason=f"model {m.name} cannot be served: {m.reason}"))
+                continue
+            if m.crashes >= self.max_crashes and now - m.failed_at < self.retry_failed_s:
+                out.append(Reject(
+                    model=m.name, through=view.seq, status=503,
+                    reason=(f"the worker of model {m.name} crashed {m.crashes} times, the last {now - m.failed_at:.0f} s "
+                            f"ago ({m.reason}); it is retried {self.retry_failed_s:g} s after a crash"),
+                ))
                 continue
             if m.state == "failed" and now - m.failed_at < self.retry_failed_s:
                 out.append(Reject(
