@@ -100,8 +100,10 @@ def test_a_dropped_model_answers_the_openai_client_and_requests_wait_while_it_lo
     last_arrival = arrivals[-1]
     assert completed < last_arrival < finished[-1][0]
     state = server.get("/models/alpha").json()
-    assert state["state"] == "ready" and state["requests"]["ok"] == 5 and state["spec"]["task"] in ("chat",
-                                                                                                       "text-generation")
+    assert state["state"] == "ready" and state["requests"]["ok"] == 5 and state["spec"]["task"] == "chat"
+    est = state["spec"]["estimate"]  # the estimate states its parts, and the placement used it
+    assert est["weights"] + est["overhead"] + est["kv_cache"] == est["total"] == state["bytes"] == load.bytes
+    assert est["weights"] == state["spec"]["weight_bytes"] and "KV cache" in est["notes"]
     server.stop()
     result = replay(server.db)
     assert result.returncode == 0 and "reproduced exactly:    1 (100.0%)" in result.stdout, result.stdout
