@@ -110,7 +110,8 @@ class Runner(Actor):
             try:
                 self.worker = await self.backend.acquire()
                 worker_s = trio.current_time() - t0
-                await self.worker.load(self.spec.path, self.spec.task, self.device.torch_device)
+                await self.worker.load(self.spec.path, self.spec.task, self.device.torch_device,
+                                       trust_remote_code=self.spec.trust_remote_code)
             except Exception as exc:  # noqa: BLE001 - every load failure becomes LoadFailed
                 failure = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
             n.cancel_scope.cancel()

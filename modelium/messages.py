@@ -445,6 +445,7 @@ class LoadModel(_Msg, frozen=True, kw_only=True):
     task: str
     device: str  # "cpu" or "cuda:N"
     dtype: str = "auto"
+    trust_remote_code: bool = False  # only for a model the configuration trusts (analysis says so)
 
 
 class ModelLoaded(_Msg, frozen=True, kw_only=True):

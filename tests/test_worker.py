@@ -492,3 +492,39 @@ def test_worker_dies_with_its_parent(tmp_path):
             inter.wait()
         if worker_pid is not None and not pid_gone(worker_pid):
             os.kill(worker_pid, signal.SIGKILL)
+
+
+async def test_custom_code_runs_only_when_the_model_is_trusted(models, tmp_path, nursery):
+    import json
+    import shutil
+
+    from modelium.analysis import AnalysisOptions, Invalid, analyse
+
+    folder = tmp_path / "custom"
+    shutil.copytree(models["llama"], folder)
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n"
+        "    model_type = 'custom_llama'\n")
+    (folder / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"model_type": "custom_llama", "architectures": ["CustomForCausalLM"],
+               "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert isinstance(analyse(folder), Invalid)
+    spec = analyse(folder, options=AnalysisOptions(trust_remote_code=True))
+    assert spec.trust_remote_code and spec.task == "chat"
+
+    backend = HFBackend(spares=0, env={"HF_MODULES_CACHE": str(tmp_path / "hf-modules")})
+    await nursery.start(backend.run)
+    worker = await backend.acquire()
+    with pytest.raises(BackendError) as e:
+        await worker.load(str(folder), spec.task, "cpu")  # not trusted: transformers refuses
+    assert e.value.kind == "load" and "trust_remote_code" in e.value.reason
+    loaded = await worker.load(str(folder), spec.task, "cpu", trust_remote_code=True)
+    assert loaded.param_count > 0
+    result = await worker.generate(Completion(prompt="Once upon a time", max_tokens=3, temperature=0))
+    assert result.completion_tokens >= 1
+    await worker.stop()

@@ -354,7 +354,8 @@ class HFWorker:
             await self._poll_exit(2.0)  # for the exit code in the reason
             raise BackendError(self._gone_reason(), kind=kind) from None
 
-    async def load(self, spec_path: str, task: str, device: str, dtype: str = "auto") -> ModelLoaded:
+    async def load(self, spec_path: str, task: str, device: str, dtype: str = "auto", *,
+                   trust_remote_code: bool = False) -> ModelLoaded:
         """Load the model at ``spec_path``; raises BackendError(kind="load") with the reason."""
         if self.exited:
             raise BackendError(self._gone_reason(), kind="load")
@@ -364,7 +365,8 @@ class HFWorker:
             raise BackendError(f"worker {self.pid} has a model loaded already", kind="load")
         slot = self._load_slot = _Slot()
         try:
-            await self._send(LoadModel(path=spec_path, task=task, device=device, dtype=dtype), kind="load")
+            await self._send(LoadModel(path=spec_path, task=task, device=device, dtype=dtype,
+                                       trust_remote_code=trust_remote_code), kind="load")
             return await slot.wait()
         finally:
             self._load_slot = None

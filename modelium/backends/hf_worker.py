@@ -239,7 +239,8 @@ def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, M
         torch.cuda.set_device(torch.device(device))
         cuda0 = torch.cuda.memory_allocated(device)
 
-    common = dict(local_files_only=True, trust_remote_code=False)
+    # custom code runs only for a model that analysis admitted under `trust_remote_code: true`
+    common = dict(local_files_only=True, trust_remote_code=msg.trust_remote_code)
     config = transformers.AutoConfig.from_pretrained(path, **common)
     dtype = choose_dtype(msg.dtype, weights_dtype(path, config), device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, **common)
