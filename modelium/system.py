@@ -46,14 +46,9 @@ def worker_tag(db: Path) -> str:
     return "mdl-" + hashlib.sha256(str(Path(db).resolve()).encode()).hexdigest()[:16]
 
 
-def reap_orphans(tag: str) -> list[int]:
-    """Kill worker processes left by an earlier server on the same log (they carry its tag).
-
-    Workers die with their server (parent-death signal, and EOF on their socket); this catches
-    any that did not. Only processes whose command line names the worker module and the tag,
-    and that are not our children, are killed."""
-    killed = []
-    me = os.getpid()
+def worker_processes(tag: str) -> list[tuple[int, int]]:
+    """(pid, parent pid) of the worker processes whose command line carries ``tag``."""
+    found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -65,12 +60,25 @@ def reap_orphans(tag: str) -> list[int]:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if b"modelium.backends.hf_worker" in argv and tag.encode() in argv and ppid != me:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except OSError:
-                pass
+        if b"modelium.backends.hf_worker" in argv and tag.encode() in argv:
+            found.append((pid, ppid))
+    return found
+
+
+def reap_orphans(tag: str) -> list[int]:
+    """Kill worker processes left by an earlier server on the same log (they carry its tag).
+
+    Workers die with their server (parent-death signal, and EOF on their socket); this catches
+    any that did not. Only tagged worker processes that are not our children are killed."""
+    killed = []
+    for pid, ppid in worker_processes(tag):
+        if ppid == os.getpid():
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:
+            pass
     return killed
 
 

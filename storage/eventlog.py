@@ -77,10 +77,6 @@ def encode(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
-def decode(body: bytes) -> Event:
-    return _decoder.decode(body)
-
-
 def decode_row(type_name: str, v: int, body: bytes) -> Event:
     """A stored row -> its event at the current version (upcast when older).
 

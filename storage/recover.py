@@ -1027,13 +1027,7 @@ def _check(path: Path, r: CheckReport) -> None:
     def scan() -> _Collector:
         nonlocal collector
         if collector is None:
-            collector = _Collector()
-            try:
-                with PageImage(path) as image:
-                    collector.scan(image)
-                    r.notes.extend(image.notes)
-            except (OSError, ValueError) as e:
-                r.notes.append(f"the page scan could not read the file ({e})")
+            collector = _scan_pages(path, r.notes)
         return collector
 
     conn = _ro_connect(path)
@@ -1206,15 +1200,21 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-def _recover(path: Path, tmp: Path, staging_path: Path) -> RecoverReport:
-    report = RecoverReport(source=path)
+def _scan_pages(path: Path, notes: list[str]) -> _Collector:
+    """The rows the page scan finds in ``path`` (and its WAL); what went wrong goes to ``notes``."""
     collector = _Collector()
     try:
         with PageImage(path) as image:
             collector.scan(image)
-            report.notes.extend(image.notes)
+            notes.extend(image.notes)
     except (OSError, ValueError) as e:
-        report.notes.append(f"the page scan could not read the file ({e})")
+        notes.append(f"the page scan could not read the file ({e})")
+    return collector
+
+
+def _recover(path: Path, tmp: Path, staging_path: Path) -> RecoverReport:
+    report = RecoverReport(source=path)
+    collector = _scan_pages(path, report.notes)
 
     conn = _ro_connect(path)
     staging = sqlite3.connect(staging_path, isolation_level=None)

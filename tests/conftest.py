@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from modelium.demo import write_tiny_model
+from modelium.system import worker_processes
 
 
 @pytest.fixture(scope="session")
@@ -44,16 +45,7 @@ def copy_model(src: Path, models: Path, name: str) -> Path:
 
 def worker_pids(tag: str) -> list[int]:
     """Worker processes whose command line carries ``tag``."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"modelium.backends.hf_worker" in argv and tag.encode() in argv:
-                out.append(int(entry.name))
-    return out
+    return [pid for pid, _ in worker_processes(tag)]
 
 
 @dataclass

@@ -4,7 +4,7 @@ router's deadlines and rejections. Real event logs in temp files; no worker proc
 import pytest
 import trio
 import trio.testing
-from helpers import spec
+from helpers import published, spec
 
 from actors.brain import Brain
 from actors.core import Actor, ActorDied, Escalation, Refusal, Supervisor
@@ -40,10 +40,7 @@ def open_log(tmp_path):
     return log, state
 
 
-def of(log, t):
-    """The events of type ``t`` this log published (from its in-memory ring)."""
-    ring, n = log._ring, log._ring_size
-    return [ring[s % n][1] for s in range(log.first_seq_this_run, log.last_seq + 1) if isinstance(ring[s % n][1], t)]
+of = published
 
 
 class Flaky(Actor):

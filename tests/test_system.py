@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import trio
+from helpers import published
 
 from actors.core import ActorDied
 from actors.router import ServeError
@@ -25,9 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def of(system, t):
-    log = system.log
-    ring, n = log._ring, log._ring_size
-    return [ring[s % n][1] for s in range(log.first_seq_this_run, log.last_seq + 1) if isinstance(ring[s % n][1], t)]
+    return published(system.log, t)
 
 
 @pytest.fixture
