@@ -1,13 +1,18 @@
-"""The router: per-model FIFO queues, admission, dispatch, deadlines.
+"""The router: admission, per-model FIFO queues, dispatch, deadlines, cancellation.
 
-``Submit`` (an ``ask`` from the API) is admitted when the model exists, is valid and serves the
-request's kind; it is logged as ``RequestArrived`` and queued. A model's queue is dispatched to
-its runner as soon as the runner is ready (``RunnerReady``), at most ``max_inflight`` at a time;
-requests for a model that is not loaded simply wait, and the brain, seeing them in the log,
-decides to load it. Every admitted request ends in exactly one ``RequestFinished`` (ok, error,
-timeout, rejected or cancelled) with its queue and service seconds. A request still waiting at
-its deadline fails with a clear timeout error; ``FailQueued`` (the brain's ``Reject``) fails the
-waiting requests with the brain's reason.
+``Submit`` (asked by the API) is admitted when the model exists, serves the request's kind, the
+input is not surely too long for it and its queue has room (:mod:`modelium.core.routing`
+decides); it is logged as ``RequestArrived``, queued, and the answer comes at once. The request's
+frames reach the client through the ``sink`` it came with: the router writes to it only when it
+ends the request itself (a deadline while queued, a rejection, a shutdown); once dispatched, the
+runner's worker writes to it directly, so no token passes through the router.
+
+A model's queue is dispatched to its runner as soon as the runner is ready (``RunnerReady``), at
+most ``max_inflight`` at a time; requests for a model that is not loaded wait, and the brain,
+seeing them in the log, decides to load it. ``Cancel`` (the client went away) ends a queued
+request at once and asks the runner to stop a dispatched one; a dispatched request past its
+deadline is cancelled the same way (its client gets a 504 at once). Every admitted request ends
+in exactly one ``RequestFinished``.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from typing import Any
 
 import trio
 
-from actors.core import ActorDied, Actor, Refusal, Reply
-from actors.runner import InferenceFailed
+from actors.core import Actor, Refusal, Reply
+from modelium.core import routing
+from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.messages import (
-    CompletionResult,
+    Cancel,
     FailQueued,
+    Failed,
+    Finished,
+    Generation,
     Infer,
     RequestArrived,
     RequestFinished,
@@ -39,19 +48,17 @@ from storage.registry import State
 
 log = logging.getLogger("modelium.router")
 
-GENERATIVE = ("text-generation", "chat", "seq2seq")
-_STATUS_OF_KIND = {"bad_request": 400, "crashed": 502, "internal": 500, "load": 503}
+
+class Refused(Refusal):
+    """A request the router will not admit (wraps the ModeliumError that says why)."""
+
+    def __init__(self, error: ModeliumError):
+        super().__init__(error.message)
+        self.error = error
 
 
-class ServeError(Refusal):
-    """A request that cannot be served; ``status`` is the HTTP status the API answers with."""
-
-    def __init__(self, status: int, message: str, *, code: str = "error", type: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+# a request that ends because of a Cancel of this kind ends with this status
+STATUS_OF_CANCEL = {"cancelled": "cancelled", "timeout": "timeout", "shutting_down": "cancelled"}
 
 
 @dataclass(eq=False)
@@ -60,11 +67,21 @@ class Pending:
     request_id: str
     seq: int
     submit: Submit
-    reply: Reply
     arrived: float
     deadline: float
     queued: bool = True
     dispatched_at: float = 0.0
+    runner: Any = None
+    cancelling: str = ""  # the kind of the Cancel sent to its runner
+
+    def fail(self, kind: ErrorKind | str, message: str) -> None:
+        """The client's last frame, from the router (before dispatch only)."""
+        sink = self.submit.sink
+        try:
+            sink.send_nowait(Failed(kind=str(kind), message=message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            pass  # the client is gone
+        sink.close()
 
 
 @dataclass
@@ -80,46 +97,75 @@ class _Queues:
     runners: dict[str, _RunnerSlot] = field(default_factory=dict)
 
 
+def _prompt_text(req: Any) -> str:
+    if isinstance(req, Generation):
+        return req.prompt or "".join(m.content for m in req.messages)
+    return ""
+
+
 class Router(Actor):
     name = "router"
 
-    def __init__(self, log: EventLog, registry: State):
-        super().__init__(mailbox=4096)
+    def __init__(self, log: EventLog, registry: State, *, max_queue: int = 256):
+        super().__init__(mailbox=65536)
         self.log = log
         self.registry = registry
+        self.max_queue = max(1, max_queue)
         self.q = _Queues()
         self._deadlines: list[tuple[float, int, Pending]] = []
         self._tiebreak = itertools.count()
         self._timer_wake = trio.Event()
         self.inflight: dict[str, Pending] = {}
+        self.queued: dict[str, Pending] = {}
         self.refusing: str | None = None  # why new requests are refused (the server is stopping)
         self._idle = trio.Event()
 
     @property
     def busy(self) -> int:
         """Requests admitted and not yet answered."""
-        return len(self.inflight) + sum(len(dq) for dq in self.q.waiting.values())
+        return len(self.inflight) + len(self.queued)
 
     async def drained(self) -> None:
         """Return once every admitted request is answered."""
         while self.busy:
             await self._idle.wait()
 
+    def counts(self, model: str) -> tuple[int, int]:
+        """(queued, in flight) for ``model``."""
+        slot = self.q.runners.get(model)
+        return len(self.q.waiting.get(model, ())), (slot.inflight if slot else 0)
+
+    def cancel(self, request_id: str, kind: str = "cancelled", reason: str = "the client went away") -> None:
+        """From any task of this thread (an HTTP handler being cancelled, say): stop a request."""
+        try:
+            self.tell_nowait(Cancel(request_id=request_id, kind=kind, reason=reason))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            log.warning("could not pass on the cancellation of %s: the router's mailbox is full or closed",
+                        request_id)
+
     # ------------------------------------------------------------------ lifecycle
 
     def on_stop(self) -> None:
         # a crash or the server stopping: every request admitted and not answered is answered
         # now and closed in the log (exactly one RequestFinished each)
-        lost = [p for dq in self.q.waiting.values() for p in dq] + list(self.inflight.values())
-        for p in lost:
-            self._finish(p, "cancelled", error="the router stopped", exc=ServeError(
-                503, "the request was not served: the router stopped (a restart or a shutdown); retry it",
-                code="router_stopped"))
+        for p in list(self.queued.values()):
+            p.fail(ErrorKind.unavailable, "the request was not served: the router stopped (a restart or a "
+                                          "shutdown); retry it")
+            self._finish(p, "cancelled", error="the router stopped", kind=ErrorKind.unavailable)
+        for p in list(self.inflight.values()):
+            self._finish(p, "cancelled", error="the router stopped", kind=ErrorKind.unavailable)
+            if p.runner is not None:
+                try:
+                    p.runner.tell_nowait(Cancel(request_id=p.request_id, kind="unavailable",
+                                                reason="the router stopped"))
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
         self.q.waiting.clear()
         self._deadlines.clear()
         self.inflight.clear()
+        self.queued.clear()
         for slot in self.q.runners.values():
-            slot.inflight = 0  # their tasks are gone; the runners themselves are not
+            slot.inflight = 0  # their requests were settled above; the runners themselves stay
         self._check_idle()
 
     async def background(self) -> None:
@@ -134,8 +180,12 @@ class Router(Actor):
 
     async def handle(self, msg: Any, reply: Reply | None) -> Any:
         if isinstance(msg, Submit):
-            return self._submit(msg, reply)
-        if isinstance(msg, RunnerReady):
+            return self._submit(msg)
+        if isinstance(msg, Finished):
+            self._finished(msg)
+        elif isinstance(msg, Cancel):
+            self._cancel(msg)
+        elif isinstance(msg, RunnerReady):
             self.q.runners[msg.model] = _RunnerSlot(msg.runner, max(1, msg.max_inflight))
             self._pump(msg.model)
         elif isinstance(msg, RunnerGone):
@@ -150,30 +200,37 @@ class Router(Actor):
             raise TypeError(f"the router does not understand {type(msg).__name__}")
         return None
 
-    def _submit(self, msg: Submit, reply: Reply | None) -> Any:
-        if reply is None:
-            raise TypeError("Submit must be asked, not told")
+    def _submit(self, msg: Submit) -> int:
         if self.refusing is not None:
-            raise ServeError(503, self.refusing, code="shutting_down")
+            raise Refused(ModeliumError(ErrorKind.shutting_down, self.refusing))
         entry = self.registry.models.get(msg.model)
-        if entry is None or entry.removed:
-            raise ServeError(404, f"The model '{msg.model}' does not exist", code="model_not_found")
-        if entry.state == "invalid" or entry.spec is None:
-            raise ServeError(400, f"The model '{msg.model}' cannot be served: {entry.reason}", code="model_invalid")
-        if entry.spec.task not in GENERATIVE:
-            raise ServeError(400, f"The model '{msg.model}' is a {entry.spec.task} model; completions need a "
-                                  "text-generation model", code="wrong_model_task")
-        now = trio.current_time()
         req = msg.request
-        seq = self.log.publish(RequestArrived(model=msg.model, request_id=msg.request_id, kind="completion",
-                                              prompt_chars=len(req.prompt), max_tokens=req.max_tokens))
-        p = Pending(msg.model, msg.request_id, seq, msg, reply, now, now + msg.timeout_s)
+        try:
+            routing.check_model(msg.model, entry, msg.kind)
+            if isinstance(req, Generation):
+                routing.check_input_size(msg.model, entry.spec, _prompt_text(req), req.max_tokens)
+            waiting = len(self.q.waiting.get(msg.model, ()))
+            if waiting >= self.max_queue:
+                slot = self.q.runners.get(msg.model)
+                raise ModeliumError(
+                    ErrorKind.queue_full,
+                    f"The model '{msg.model}' has {waiting} requests waiting, its limit; retry later",
+                    retry_after=routing.retry_after_s(entry, waiting, slot.max_inflight if slot else 1))
+        except ModeliumError as e:
+            raise Refused(e) from None
+        now = trio.current_time()
+        max_tokens = req.max_tokens if isinstance(req, Generation) else 0
+        seq = self.log.publish(RequestArrived(
+            model=msg.model, request_id=msg.request_id, kind=msg.kind, prompt_chars=msg.prompt_chars,
+            max_tokens=max_tokens, tenant=msg.tenant))
+        p = Pending(msg.model, msg.request_id, seq, msg, now, now + msg.timeout_s)
         self.q.waiting.setdefault(msg.model, deque()).append(p)
+        self.queued[p.request_id] = p
         heapq.heappush(self._deadlines, (p.deadline, next(self._tiebreak), p))
         if self._deadlines[0][2] is p:
             self._timer_wake.set()
         self._pump(msg.model)
-        return self.defer(reply)
+        return seq
 
     # ------------------------------------------------------------------ dispatch
 
@@ -182,60 +239,59 @@ class Router(Actor):
         dq = self.q.waiting.get(model)
         while slot is not None and dq and slot.inflight < slot.max_inflight:
             p = dq.popleft()
+            self.queued.pop(p.request_id, None)
             p.queued = False
+            p.runner = slot.runner
+            p.dispatched_at = trio.current_time()
             slot.inflight += 1
             self.inflight[p.request_id] = p
-            self.nursery.start_soon(self._run_on, slot, p)
+            infer = Infer(request_id=p.request_id, request=p.submit.request, sink=p.submit.sink)
+            try:
+                slot.runner.tell_nowait(infer)
+            except trio.WouldBlock:
+                self.nursery.start_soon(slot.runner.tell, infer)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                # the runner is gone and its RunnerGone is on its way: back to the queue
+                self._bounce(p)
+                return
 
-    async def _run_on(self, slot: _RunnerSlot, p: Pending) -> None:
-        p.dispatched_at = trio.current_time()
-        requeue = False
-        stopped = False  # the router itself is stopping: on_stop settles the request
-        try:
-            with trio.move_on_at(p.deadline) as scope:
-                result: CompletionResult = await slot.runner.ask(Infer(request_id=p.request_id,
-                                                                        request=p.submit.request))
-            if scope.cancelled_caught:
-                self._finish(p, "timeout", error="deadline passed during generation", exc=ServeError(
-                    504, f"The request timed out after {p.submit.timeout_s:g} s (while generating)", code="timeout"))
-            else:
-                self._finish(p, "ok", result=result)
-        except InferenceFailed as exc:
-            if exc.kind == "unloading":
-                requeue = True
-            else:
-                self._finish(p, "error", error=exc.reason, exc=ServeError(
-                    _STATUS_OF_KIND.get(exc.kind, 500), f"The model '{p.model}' failed the request: {exc.reason}",
-                    code=exc.kind))
-        except ActorDied as exc:
-            requeue = True
-            log.info("runner of %s went away mid-request (%s); request requeued", p.model, exc)
-        except trio.Cancelled:
-            stopped = True
-            raise
-        finally:
-            if not stopped:
-                slot.inflight -= 1
-                self.inflight.pop(p.request_id, None)
-                if requeue:
-                    self._requeue(p)
-                self._pump(p.model)
-                self._check_idle()
+    def _finished(self, msg: Finished) -> None:
+        p = self.inflight.get(msg.request_id)
+        if p is None:
+            return  # settled already (the router restarted, say)
+        if msg.bounced:
+            self._bounce(p)
+            return
+        del self.inflight[msg.request_id]
+        self._release(p)
+        self._finish(p, msg.status, error=msg.error, kind=msg.error_kind, prompt_tokens=msg.prompt_tokens,
+                     completion_tokens=msg.completion_tokens, ttft_s=msg.ttft_s)
+        self._pump(p.model)
+        self._check_idle()
 
-    def _requeue(self, p: Pending) -> None:
-        """Back to the head of its queue (its runner went away), unless its time is up."""
+    def _release(self, p: Pending) -> None:
+        slot = self.q.runners.get(p.model)
+        if slot is not None and slot.runner is p.runner:
+            slot.inflight = max(0, slot.inflight - 1)
+
+    def _bounce(self, p: Pending) -> None:
+        """Back to the head of its queue (its runner went away before starting it)."""
+        self.inflight.pop(p.request_id, None)
+        self._release(p)
+        p.runner = None
+        p.dispatched_at = 0.0
         if trio.current_time() >= p.deadline:
-            self._finish(p, "timeout", error="deadline passed while its runner went away", exc=ServeError(
-                504, f"The request timed out after {p.submit.timeout_s:g} s", code="timeout"))
+            p.fail(ErrorKind.timeout, f"The request timed out after {p.submit.timeout_s:g} s")
+            self._finish(p, "timeout", error="deadline passed while its runner went away", kind=ErrorKind.timeout)
+            self._check_idle()
             return
         p.queued = True
-        p.dispatched_at = 0.0
         self.q.waiting.setdefault(p.model, deque()).appendleft(p)
-        heapq.heappush(self._deadlines, (p.deadline, next(self._tiebreak), p))
-        self._timer_wake.set()
+        self.queued[p.request_id] = p
+        self._pump(p.model)
 
-    def _finish(self, p: Pending, status: str, *, result: CompletionResult | None = None, error: str = "",
-                exc: BaseException | None = None) -> None:
+    def _finish(self, p: Pending, status: str, *, error: str = "", kind: str = "", prompt_tokens: int = 0,
+                completion_tokens: int = 0, ttft_s: float = 0.0) -> None:
         now = trio.current_time()
         if p.dispatched_at:
             queue_s, service_s = p.dispatched_at - p.arrived, now - p.dispatched_at
@@ -243,48 +299,73 @@ class Router(Actor):
             queue_s, service_s = now - p.arrived, 0.0
         self.log.publish(RequestFinished(
             model=p.model, request_id=p.request_id, status=status, queue_s=round(queue_s, 6),
-            service_s=round(service_s, 6), prompt_tokens=result.prompt_tokens if result else 0,
-            completion_tokens=result.completion_tokens if result else 0, error=error[:500]))
-        if result is not None:
-            p.reply.send(result)
-        else:
-            p.reply.fail(exc)
+            service_s=round(service_s, 6), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            error=error[:500], error_kind=str(kind) if status != "ok" else "", ttft_s=round(ttft_s, 6)))
 
     def _check_idle(self) -> None:
         if not self.busy:
             self._idle.set()
             self._idle = trio.Event()
 
-    # ------------------------------------------------------------------ deadlines and rejections
+    # ------------------------------------------------------------------ cancellation, deadlines, rejections
+
+    def _cancel(self, msg: Cancel) -> None:
+        p = self.queued.get(msg.request_id)
+        if p is not None:
+            self._unqueue(p)
+            if msg.kind != "cancelled":  # a client that went away needs no answer
+                p.fail(msg.kind, msg.reason)
+            else:
+                p.submit.sink.close()
+            self._finish(p, STATUS_OF_CANCEL.get(msg.kind, "cancelled"), error=msg.reason, kind=msg.kind)
+            self._check_idle()
+            return
+        p = self.inflight.get(msg.request_id)
+        if p is not None and not p.cancelling:
+            self._cancel_inflight(p, msg.kind, msg.reason)
+
+    def _cancel_inflight(self, p: Pending, kind: str, reason: str) -> None:
+        p.cancelling = kind
+        try:
+            p.runner.tell_nowait(Cancel(request_id=p.request_id, kind=kind, reason=reason))
+        except trio.WouldBlock:
+            self.nursery.start_soon(p.runner.tell, Cancel(request_id=p.request_id, kind=kind, reason=reason))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the runner is gone; it answers (or bounces) what it held
+
+    def _unqueue(self, p: Pending) -> None:
+        self.queued.pop(p.request_id, None)
+        p.queued = False
+        dq = self.q.waiting.get(p.model)
+        if dq is not None:
+            try:
+                dq.remove(p)
+            except ValueError:
+                pass
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, p = heapq.heappop(self._deadlines)
-            if not p.queued:
-                continue
-            dq = self.q.waiting.get(p.model)
-            if dq is None or p not in dq:
-                continue
-            dq.remove(p)
-            p.queued = False
-            entry = self.registry.models.get(p.model)
-            state = entry.state if entry else "removed"
-            self._finish(p, "timeout", error=f"waited {p.submit.timeout_s:g} s; model {state}", exc=ServeError(
-                504, f"The request timed out after {p.submit.timeout_s:g} s waiting for model '{p.model}' "
-                     f"(model state: {state})", code="timeout"))
+            if p.queued and p.request_id in self.queued:
+                self._unqueue(p)
+                entry = self.registry.models.get(p.model)
+                state = entry.state if entry else "removed"
+                p.fail(ErrorKind.timeout, f"The request timed out after {p.submit.timeout_s:g} s waiting for "
+                                          f"model '{p.model}' (model state: {state})")
+                self._finish(p, "timeout", error=f"waited {p.submit.timeout_s:g} s; model {state}",
+                             kind=ErrorKind.timeout)
+            elif p.request_id in self.inflight and not p.cancelling:
+                self._cancel_inflight(p, "timeout", f"The request timed out after {p.submit.timeout_s:g} s "
+                                                    "(while being served)")
         self._check_idle()
 
     def _fail_queued(self, msg: FailQueued) -> None:
         dq = self.q.waiting.get(msg.model)
         if not dq:
             return
-        keep: deque[Pending] = deque()
-        for p in dq:
-            if p.seq <= msg.through:
-                p.queued = False
-                self._finish(p, "rejected", error=msg.reason, exc=ServeError(
-                    msg.status, msg.reason, code="model_unavailable"))
-            else:
-                keep.append(p)
-        self.q.waiting[msg.model] = keep
+        for p in [p for p in dq if p.seq <= msg.through]:
+            self._unqueue(p)
+            p.fail(msg.kind, msg.reason)
+            self._finish(p, "rejected", error=msg.reason, kind=msg.kind)
         self._check_idle()
+

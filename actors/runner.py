@@ -16,15 +16,23 @@ decides whether a model loads again.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from actors.core import Actor, Refusal, Reply
+from actors.core import Actor, Reply
+from modelium.backends.base import Outcome
+from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.hardware import DeviceInfo
 from modelium.messages import (
+    Cancel,
+    Done,
+    Encoded,
     Evict,
     FailQueued,
+    Failed,
+    Finished,
     Infer,
     Load,
     LoadCompleted,
@@ -45,19 +53,38 @@ from storage.registry import State
 
 log = logging.getLogger("modelium.runner")
 
+# a job cancelled for this reason (a Cancel's kind) ends with this status
+STATUS_OF_CANCEL = {"cancelled": "cancelled", "timeout": "timeout", "shutting_down": "cancelled"}
+CANCEL_WAIT_S = 2.0  # how long cancelled jobs may take to say they stopped
 
-class InferenceFailed(Refusal):
-    """A request failed in the worker. ``kind``: bad_request | internal | crashed | unloading."""
 
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
+@dataclass(eq=False)
+class _InFlight:
+    job: Any
+    started: float
+    cancel_kind: str = ""
+
+
+def result_of(request_id: str, outcome: Outcome, cancel_kind: str, started: float) -> Finished:
+    """What the router logs for a job that ended with ``outcome``."""
+    t = outcome.terminal
+    ttft = max(0.0, outcome.first_token_at - started) if outcome.first_token_at else 0.0
+    if isinstance(t, Done):
+        if t.cancelled or cancel_kind:
+            kind = cancel_kind or "cancelled"
+            return Finished(request_id=request_id, status=STATUS_OF_CANCEL.get(kind, "error"), error_kind=kind,
+                            error=f"stopped ({kind})", prompt_tokens=t.prompt_tokens,
+                            completion_tokens=t.completion_tokens, ttft_s=ttft)
+        return Finished(request_id=request_id, status="ok", prompt_tokens=t.prompt_tokens,
+                        completion_tokens=t.completion_tokens, ttft_s=ttft)
+    if isinstance(t, Encoded):
+        return Finished(request_id=request_id, status="ok", prompt_tokens=t.prompt_tokens)
+    kind = cancel_kind or t.kind
+    status = STATUS_OF_CANCEL.get(kind, "error") if (cancel_kind or t.kind == "cancelled") else "error"
+    return Finished(request_id=request_id, status=status, error=t.message, error_kind=kind, ttft_s=ttft)
 
 
 class Runner(Actor):
-    concurrent = True
-
     def __init__(self, *, log: EventLog, model: str, spec: ModelSpec, device: DeviceInfo, nbytes: int,
                  backend: Any, allocator: Actor, router: Actor, grace_s: float, max_inflight: int):
         super().__init__(f"runner:{model}")
@@ -76,8 +103,12 @@ class Runner(Actor):
         self._stop = trio.Event()
         self.done = trio.Event()
         self.stopping = False
-        self.inflight = 0
+        self.jobs: dict[str, _InFlight] = {}
         self._drained = trio.Event()
+
+    @property
+    def inflight(self) -> int:
+        return len(self.jobs)
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -103,24 +134,30 @@ class Runner(Actor):
         m, dev = self.model, self.device.name
         self.log.publish(LoadStarted(model=m, device=dev, backend=getattr(self.backend, "name", "")))
         t0 = trio.current_time()
-        worker_s = 0.0
         failure: str | None = None
+        detail = ""
         async with trio.open_nursery() as n:
             n.start_soon(_cancel_on, self._stop, n.cancel_scope)
             try:
-                self.worker = await self.backend.acquire()
-                worker_s = trio.current_time() - t0
-                await self.worker.load(self.spec.path, self.spec.task, self.device.torch_device,
-                                       trust_remote_code=self.spec.trust_remote_code)
+                self.worker = await self.backend.start(self.spec, self.device, self.nbytes)
+            except ModeliumError as exc:
+                failure = exc.message
             except Exception as exc:  # noqa: BLE001 - every load failure becomes LoadFailed
-                failure = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+                public = getattr(exc, "public", None)
+                failure = public().message if callable(public) else f"the model failed to load ({type(exc).__name__})"
+                detail = getattr(exc, "reason", None) or repr(exc)
+                log.error("model %s failed to load: %s", m, detail)
             n.cancel_scope.cancel()
         if self.stop_reason is not None:
             return Unloaded(model=m, device=dev, reason=f"{self.stop_reason} (while loading)")
         if failure is not None:
-            return LoadFailed(model=m, device=dev, reason=failure)
+            return LoadFailed(model=m, device=dev, reason=failure, detail=detail[-4000:])
+        w = self.worker
+        from_spare = getattr(w, "from_spare", False)
+        hello_at = getattr(w, "hello_at", None) or t0
         self.log.publish(LoadCompleted(model=m, device=dev, load_s=round(trio.current_time() - t0, 4),
-                                       pid=self.worker.pid, worker_s=round(worker_s, 4)))
+                                       pid=w.pid, worker_s=0.0 if from_spare else round(max(0.0, hello_at - t0), 4),
+                                       memory_bytes=w.memory_bytes))
         await self.router.tell(RunnerReady(model=m, runner=self, max_inflight=self.max_inflight))
 
         exit_code: list[int | None] = []
@@ -128,7 +165,7 @@ class Runner(Actor):
             self.nursery = n
 
             async def watch_worker():
-                code = await self.worker.wait_exit()
+                code = await w.wait_exit()
                 if not self.stopping:
                     exit_code.append(code)
                     self.stopping = True
@@ -139,8 +176,14 @@ class Runner(Actor):
             n.start_soon(self._mailbox)
             await self._stop.wait()
             self.stopping = True
-            if self.inflight:
+            if self.jobs:
                 with trio.move_on_after(self.grace_s):
+                    await self._drained.wait()
+            if self.jobs:  # past the grace period: they end now, with a reason
+                for request_id in list(self.jobs):
+                    self._cancel(Cancel(request_id=request_id, kind="unavailable", reason=(
+                        f"the model '{m}' was unloaded before the request finished ({self.stop_reason})")))
+                with trio.move_on_after(CANCEL_WAIT_S):
                     await self._drained.wait()
             n.cancel_scope.cancel()
         self.nursery = None
@@ -148,41 +191,72 @@ class Runner(Actor):
         if exit_code:
             code = exit_code[0]
             return WorkerCrashed(model=m, device=dev, exitcode=code,
-                                 reason=f"worker process exited with {_describe_exit(code)}")
+                                 reason=f"worker process exited with {_describe_exit(code)}",
+                                 detail=getattr(w, "output_tail", "")[-4000:])
         return Unloaded(model=m, device=dev, reason=self.stop_reason or "")
 
+    def _tell_router(self, msg: Finished) -> None:
+        try:
+            self.router.tell_nowait(msg)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            log.error("could not tell the router that %s finished: its mailbox is full or closed", msg.request_id)
+
     def _close_mailbox(self) -> None:
-        """No one serves this mailbox any more: send what waits in it back to be requeued, and
-        make later asks fail at once (ActorDied) instead of waiting for an answer."""
+        """No one serves this mailbox any more: hand back the requests that wait in it (the router
+        queues them again), and make later messages fail at once."""
         while True:
             try:
                 msg, reply = self._recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
+            if isinstance(msg, Infer):
+                self._tell_router(Finished(request_id=msg.request_id, bounced=True))
             if reply is not None:
-                reply.fail(InferenceFailed("unloading", f"model {self.model} is no longer served here"))
+                reply.fail(ModeliumError(ErrorKind.unavailable, f"model {self.model} is no longer served here"))
         self._recv.close()
 
     async def _mailbox(self) -> None:
         async for msg, reply in self._recv:
-            self.nursery.start_soon(self._dispatch, msg, reply)
+            if isinstance(msg, Infer):
+                if self.stopping:
+                    self._tell_router(Finished(request_id=msg.request_id, bounced=True))
+                else:
+                    self.nursery.start_soon(self._serve, msg)
+            elif isinstance(msg, Cancel):
+                self._cancel(msg)
+            else:
+                log.error("%s does not understand %s", self.name, type(msg).__name__)
 
-    async def handle(self, msg: Any, reply: Reply | None) -> Any:
-        if not isinstance(msg, Infer):
-            raise TypeError(f"{self.name} does not understand {type(msg).__name__}")
-        if self.stopping:
-            raise InferenceFailed("unloading", f"model {self.model} is unloading")
-        self.inflight += 1
+    async def handle(self, msg: Any, reply: Reply | None) -> Any:  # the mailbox loop is _mailbox
+        raise TypeError(f"{self.name} reads its own mailbox")
+
+    def _cancel(self, msg: Cancel) -> None:
+        entry = self.jobs.get(msg.request_id)
+        if entry is None or entry.cancel_kind:
+            return
+        entry.cancel_kind = msg.kind
+        # a client that went away needs no last frame; one that waits gets the reason now
+        frame = None if msg.kind == "cancelled" else Failed(kind=msg.kind, message=msg.reason)
+        self.worker.cancel(entry.job, frame)
+
+    async def _serve(self, msg: Infer) -> None:
+        entry = _InFlight(self.worker.submit(msg.request, msg.sink), trio.current_time())
+        self.jobs[msg.request_id] = entry
+        finished: Finished | None = None
         try:
-            return await self.worker.generate(msg.request)
-        except Exception as exc:  # noqa: BLE001 - the backend's errors go back to the asker
-            raise InferenceFailed(getattr(exc, "kind", "internal"),
-                                  getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}") from exc
+            outcome = await entry.job.outcome()
+            finished = result_of(msg.request_id, outcome, entry.cancel_kind, entry.started)
         finally:
-            self.inflight -= 1
-            if self.inflight == 0:
+            del self.jobs[msg.request_id]
+            if not self.jobs:
                 self._drained.set()
                 self._drained = trio.Event()
+            if finished is None:  # the runner is going away under it
+                self.worker.cancel(entry.job, Failed(kind=ErrorKind.unavailable,
+                                                     message=f"the model '{self.model}' stopped serving"))
+                finished = Finished(request_id=msg.request_id, status="error", error="the runner stopped",
+                                    error_kind=ErrorKind.unavailable)
+            self._tell_router(finished)
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -209,7 +283,7 @@ class Runners(Actor):
     name = "runners"
 
     def __init__(self, log: EventLog, registry: State, *, devices: dict[str, DeviceInfo],
-                 allocators: dict[str, Actor], router: Actor, backend: Any, runner_nursery: trio.Nursery,
+                 allocators: dict[str, Actor], router: Actor, backends: dict[str, Any], runner_nursery: trio.Nursery,
                  grace_s: float = 30.0, max_inflight: int = 8):
         super().__init__()
         self.log = log
@@ -217,7 +291,7 @@ class Runners(Actor):
         self.devices = devices
         self.allocators = allocators
         self.router = router
-        self.backend = backend
+        self.backends = backends
         self.grace_s = grace_s
         self.max_inflight = max_inflight
         self.runners: dict[str, Runner] = {}
@@ -245,7 +319,7 @@ class Runners(Actor):
         elif isinstance(d, Evict):
             await self._evict(d)
         elif isinstance(d, Reject):
-            await self.router.tell(FailQueued(model=d.model, reason=d.reason, through=d.through, status=d.status))
+            await self.router.tell(FailQueued(model=d.model, reason=d.reason, through=d.through, kind=d.kind))
 
     async def _load(self, d: Load) -> None:
         if d.model in self.runners:
@@ -260,12 +334,18 @@ class Runners(Actor):
         if device is None or allocator is None:
             self.log.publish(LoadFailed(model=d.model, device=d.device, reason=f"no device {d.device} here"))
             return
+        backend = self.backends.get(entry.spec.backend)
+        if backend is None:
+            self.log.publish(LoadFailed(model=d.model, device=d.device, reason=(
+                f"the model's backend {entry.spec.backend!r} is not available here "
+                f"(available: {', '.join(sorted(self.backends))})")))
+            return
         answer = await allocator.ask(Reserve(model=d.model, bytes=d.bytes))
         if isinstance(answer, Refused):
             self.log.publish(LoadFailed(model=d.model, device=d.device, reason=answer.reason))
             return
         runner = Runner(log=self.log, model=d.model, spec=entry.spec, device=device, nbytes=d.bytes,
-                        backend=self.backend, allocator=allocator, router=self.router, grace_s=self.grace_s,
+                        backend=backend, allocator=allocator, router=self.router, grace_s=self.grace_s,
                         max_inflight=self.max_inflight)
         self.runners[d.model] = runner
         self._runner_nursery.start_soon(self._run_runner, runner, name=runner.name)

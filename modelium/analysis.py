@@ -674,6 +674,7 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
 
     # sentence-transformers layout: modules.json names the transformer and pooling modules
     model_dir, st_pooling, st_pooling_note = folder, "", ""
+    normalize = False
     is_st = "modules.json" in files
     if is_st:
         modules = _read_json(folder / "modules.json", "modules.json")
@@ -695,6 +696,7 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
                     st_pooling_note = (f"pooling module config {label} missing or names no mode; "
                                        "mean pooling assumed (the sentence-transformers default)")
             elif mtype.endswith(".Normalize"):
+                normalize = True
                 notes.append("sentence-transformers: embeddings are L2-normalised")
             elif mtype.endswith(".Dense"):
                 notes.append(f"sentence-transformers Dense module {mpath!r}: its weights are not "
@@ -840,6 +842,7 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
     if not has_tokenizer:
         notes.append("no tokenizer files found (tokenizer.json, tokenizer.model, vocab.txt, or "
                      "vocab.json + merges.txt)")
+    token_chars = _max_token_chars(model_dir / "tokenizer.json") if "tokenizer.json" in files else 0
 
     # context
     max_context = _first_int(config, "max_position_embeddings", "n_positions", "max_seq_len",
@@ -923,8 +926,25 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
         has_chat_template=has_chat_template, max_context=max_context,
         kv_bytes_per_token=kv_per_token, pooling=pooling, backend=backend, estimate=est,
         license=license, tags=tags, notes=notes, dtype=dtype,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, max_token_chars=token_chars, normalize=normalize,
+        subfolder=sub.rstrip("/"),
     )
+
+
+def _max_token_chars(path: Path) -> int:
+    """Characters of the longest vocabulary entry or added token in ``tokenizer.json`` (0 when
+    unreadable: it is a bound for refusing oversized prompts early, never a reason to refuse a
+    model). No token covers more characters of text than its own entry has."""
+    try:
+        data = json.loads(path.read_bytes())
+        model = data.get("model") or {}
+        vocab = model.get("vocab") or {}
+        entries = vocab.keys() if isinstance(vocab, dict) else (v[0] for v in vocab if isinstance(v, list) and v)
+        best = max((len(t) for t in entries if isinstance(t, str)), default=0)
+        added = (t.get("content", "") for t in data.get("added_tokens") or [] if isinstance(t, dict))
+        return max(best, max((len(c) for c in added if isinstance(c, str)), default=0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
 
 
 class _Counted(NamedTuple):

@@ -56,7 +56,11 @@ class Settings(BaseModel):
 
     # requests and runners
     request_timeout_s: float = Field(300.0, gt=0)
-    max_inflight: int = Field(8, ge=1)
+    max_inflight: int = Field(64, ge=1)  # requests one model's worker serves at once (they batch)
+    max_queue: int = Field(256, ge=1)  # requests that may wait for one model; more get a 429
+    max_body: int = Field(4 * 2**20, ge=1024)  # bytes of a request body; more get a 413
+    batch_wait_ms: float = Field(2.0, ge=0)  # embeddings/classification: a lone input waits this long for company
+    batch_max_size: int = Field(32, ge=1)  # embeddings/classification: inputs per forward pass
     drain_s: float = Field(30.0, ge=0)
     spare_workers: int = Field(1, ge=0)
 
@@ -68,7 +72,7 @@ class Settings(BaseModel):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("cpu_memory", "runtime_overhead", mode="before")
+    @field_validator("cpu_memory", "runtime_overhead", "max_body", mode="before")
     @classmethod
     def _bytes(cls, v: Any) -> Any:
         if v is None or isinstance(v, int):

@@ -64,9 +64,12 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     weight_files: list[str] = []
     has_tokenizer: bool = False
     has_chat_template: bool = False
-    max_context: int = 0
+    max_context: int = 0  # tokens of input the model takes (sentence-transformers: max_seq_length)
+    max_token_chars: int = 0  # characters of the longest vocabulary entry (0: unknown)
     kv_bytes_per_token: int = 0
     pooling: str = ""
+    normalize: bool = False  # sentence-transformers Normalize module: embeddings are L2-normalised
+    subfolder: str = ""  # where config.json and the weights are (a sentence-transformers module)
     backend: str = "transformers"
     estimate: MemoryEstimate | None = None
     license: str = ""
@@ -208,10 +211,14 @@ class Evict(Decision, frozen=True, kw_only=True):
 
 
 class Reject(Decision, frozen=True, kw_only=True):
-    """Fail the model's requests that arrived up to and including seq ``through``."""
+    """Fail the model's requests that arrived up to and including seq ``through``, with an
+    error of ``kind`` (a :class:`modelium.core.errors.ErrorKind` value) and ``reason``.
 
+    Version 2 replaced the HTTP ``status`` of version 1 by ``kind``: statuses belong to the API."""
+
+    V: ClassVar[int] = 2
     through: int = 0
-    status: int = 503
+    kind: str = "unavailable"
 
 
 DECISIONS = (Load, Evict, Reject)
@@ -231,12 +238,14 @@ class LoadCompleted(Event, frozen=True, kw_only=True):
     load_s: float
     pid: int = 0
     worker_s: float = 0.0  # seconds spent getting a worker process (0 when a spare was ready)
+    memory_bytes: int = 0  # what the worker measured after the load (CUDA bytes, or RSS growth)
 
 
 class LoadFailed(Event, frozen=True, kw_only=True):
     model: str
     device: str
-    reason: str
+    reason: str  # fit for a client (it may be quoted in an error): no paths, no worker output
+    detail: str = ""  # for the operator: the worker's own words (a traceback, its last output)
 
 
 class Unloaded(Event, frozen=True, kw_only=True):
@@ -249,21 +258,28 @@ class WorkerCrashed(Event, frozen=True, kw_only=True):
     model: str
     device: str
     exitcode: int | None = None
-    reason: str = ""
+    reason: str = ""  # fit for a client
+    detail: str = ""  # for the operator: the worker's last output
 
 
 # requests (router) ---------------------------------------------------------------------------
 
 
+REQUEST_KINDS = ("completion", "chat", "embedding", "classify")
+
+
 class RequestArrived(Event, frozen=True, kw_only=True):
     model: str
     request_id: str
-    kind: str = "completion"
-    prompt_chars: int = 0
+    kind: str = "completion"  # one of REQUEST_KINDS
+    prompt_chars: int = 0  # characters of input (prompt, messages' text, or inputs)
     max_tokens: int = 0
+    tenant: str = ""  # the organization the request is for ("" when none was given)
 
 
-RequestStatus = Literal["ok", "error", "timeout", "rejected", "cancelled"]
+# "interrupted": the server died while the request was admitted; closed at the next start
+RequestStatus = Literal["ok", "error", "timeout", "rejected", "cancelled", "interrupted"]
+REQUEST_STATUSES = ("ok", "error", "timeout", "rejected", "cancelled", "interrupted")
 
 
 class RequestFinished(Event, frozen=True, kw_only=True):
@@ -275,6 +291,8 @@ class RequestFinished(Event, frozen=True, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    error_kind: str = ""  # the ErrorKind of a request that did not end "ok"
+    ttft_s: float = 0.0  # from dispatch to the first token (generation only)
 
 
 LATENCY_BUCKETS = 24  # histogram bucket i counts latencies in [2**(i-1), 2**i) ms; bucket 0: < 1 ms
@@ -302,6 +320,7 @@ class RequestsRolledUp(Event, frozen=True, kw_only=True):
     timeout: int = 0
     rejected: int = 0
     cancelled: int = 0
+    interrupted: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_s: float = 0.0
@@ -339,24 +358,43 @@ def event_model(event: Event) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Inference requests and results (API -> router -> runner -> worker)
+# Inference requests (API -> router -> runner -> worker)
 # --------------------------------------------------------------------------------------------
 
 
-class Completion(_Msg, frozen=True, kw_only=True):
-    prompt: str
-    max_tokens: int = 16
-    temperature: float = 1.0
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: str  # system | user | assistant
+    content: str
+
+
+class Generation(_Msg, frozen=True, kw_only=True):
+    """A completion or a chat: exactly one of ``prompt``, ``prompt_ids``, ``messages`` is set
+    (chat messages are rendered with the model's own chat template, in the worker)."""
+
+    prompt: str = ""
+    prompt_ids: list[int] = []
+    messages: list[ChatMessage] = []
+    max_tokens: int = 0  # 0: as many as the model's context leaves
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
-    stop: list[str] = []
-    seed: int | None = None
+    stop: list[str] = []  # cut before the first of these (not included in the text)
+    seed: int | None = None  # choice i samples with seed + i: same seed, same output
+    n: int = 1  # choices
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = {}
+    echo: bool = False  # completions: the prompt's text comes first
 
 
-class CompletionResult(_Msg, frozen=True, kw_only=True):
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: Literal["stop", "length"]
+class Encode(_Msg, frozen=True, kw_only=True):
+    """Embeddings or classification of ``texts`` (truncated to the model's input length, as
+    sentence-transformers does) or of token id sequences ``ids`` (refused when too long)."""
+
+    texts: list[str] = []
+    ids: list[list[int]] = []
+
+
+InferRequest = Union[Generation, Encode]
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,19 +422,49 @@ class Refused(_Msg, frozen=True, kw_only=True):
 
 
 class Submit(_Msg, frozen=True, kw_only=True):
-    """API -> router: run ``request`` on ``model``; answer within ``timeout_s``."""
+    """API -> router (asked): admit ``request`` for ``model``. The answer comes as soon as it is
+    admitted (or refused, with a ``ModeliumError``); its frames then arrive on ``sink``, a trio
+    memory channel whose last frame is terminal (``Done``, ``Encoded`` or ``Failed``)."""
 
     model: str
     request_id: str
-    request: Completion
+    kind: str  # completion | chat | embedding | classify
+    request: InferRequest
     timeout_s: float
+    sink: Any
+    tenant: str = ""
+    prompt_chars: int = 0
+
+
+class Cancel(_Msg, frozen=True, kw_only=True):
+    """API -> router -> runner: stop the request now (its client went away, its deadline
+    passed, the server stops). ``kind`` is why (an ErrorKind value)."""
+
+    request_id: str
+    kind: str = "cancelled"
+    reason: str = "the client went away"
 
 
 class Infer(_Msg, frozen=True, kw_only=True):
-    """Router -> runner."""
+    """Router -> runner: run a request; its frames go to ``sink``; answer with ``Finished``."""
 
     request_id: str
-    request: Completion
+    request: InferRequest
+    sink: Any
+
+
+class Finished(_Msg, frozen=True, kw_only=True):
+    """Runner -> router: a request it was given has ended (``status``), or was handed back
+    unstarted (``bounced``: the runner is leaving; the router queues it again)."""
+
+    request_id: str
+    status: str = "ok"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+    error_kind: str = ""
+    ttft_s: float = 0.0
+    bounced: bool = False
 
 
 class RunnerReady(_Msg, frozen=True, kw_only=True):
@@ -418,7 +486,7 @@ class FailQueued(_Msg, frozen=True, kw_only=True):
     model: str
     reason: str
     through: int
-    status: int = 503
+    kind: str = "unavailable"
 
 
 class StopAdmitting(_Msg, frozen=True, kw_only=True):
@@ -446,6 +514,12 @@ class LoadModel(_Msg, frozen=True, kw_only=True):
     device: str  # "cpu" or "cuda:N"
     dtype: str = "auto"
     trust_remote_code: bool = False  # only for a model the configuration trusts (analysis says so)
+    subfolder: str = ""  # where config.json and the weights are, inside ``path``
+    pooling: str = ""  # embedding models: how token states become one vector (analysis decides)
+    normalize: bool = False  # embedding models: L2-normalise
+    max_input: int = 0  # encoders: inputs are truncated to this many tokens (0: the model's limit)
+    max_batch: int = 64  # generation: sequences decoded together; encoders: inputs per forward
+    batch_wait_ms: float = 2.0  # encoders: how long a lone input waits for company
 
 
 class ModelLoaded(_Msg, frozen=True, kw_only=True):
@@ -454,29 +528,78 @@ class ModelLoaded(_Msg, frozen=True, kw_only=True):
     device: str
     dtype: str
     memory_bytes: int = 0  # measured: CUDA bytes allocated, or the process's RSS growth on CPU
+    context: int = 0  # tokens of context (generation) or of input (encoders)
+    max_token_chars: int = 0
+    labels: list[str] = []  # classification: the labels, by class index
+    dim: int = 0  # embedding: the vector's dimension
 
 
-class Generate(_Msg, frozen=True, kw_only=True):
-    id: int
-    request: Completion
-
-
-class Generated(_Msg, frozen=True, kw_only=True):
-    id: int
-    result: CompletionResult
-
-
-class WorkerError(_Msg, frozen=True, kw_only=True):
-    """A request (``id``) or the load (``id`` = 0) failed; the worker keeps running if it can."""
+class Job(_Msg, frozen=True, kw_only=True):
+    """Runner -> worker: run one request (``id`` > 0, unique per worker)."""
 
     id: int
-    error: str
-    kind: Literal["bad_request", "internal", "load"] = "internal"
+    request: InferRequest
+
+
+class CancelJob(_Msg, frozen=True, kw_only=True):
+    """Runner -> worker: stop job ``id`` (before its next decode step); it ends with ``Done``
+    (``cancelled``), or nothing more when it had ended already."""
+
+    id: int
+
+
+class Token(_Msg, frozen=True, kw_only=True):
+    """Worker -> runner: new text of choice ``index`` of job ``id`` (``tokens`` generated tokens
+    since the last frame; text may lag behind tokens while it could still be a stop string or
+    an incomplete character). The last frame of a choice carries its ``finish`` reason."""
+
+    id: int
+    index: int = 0
+    text: str = ""
+    tokens: int = 0
+    finish: str = ""  # "", "stop" or "length" (or "cancelled" when the job was cancelled)
+
+
+class Done(_Msg, frozen=True, kw_only=True):
+    """Worker -> runner: job ``id`` (a generation) ended; the usage is for all its choices."""
+
+    id: int
+    prompt_tokens: int
+    completion_tokens: int
+    service_s: float = 0.0  # from the job's arrival in the worker to this frame
+    cancelled: bool = False
+
+
+class Encoded(_Msg, frozen=True, kw_only=True):
+    """Worker -> runner: the answer to an ``Encode`` job. Embeddings: ``count`` vectors of
+    ``dim`` float32 (little-endian, row after row) in ``data``. Classification: ``probs`` per
+    input, in class order (``dim`` classes), and each input's ``labels``."""
+
+    id: int
+    count: int
+    dim: int
+    data: bytes = b""
+    probs: list[list[float]] = []
+    labels: list[str] = []
+    prompt_tokens: int = 0
+    service_s: float = 0.0
+
+
+class Failed(_Msg, frozen=True, kw_only=True):
+    """Worker -> runner (or runner/router -> client): job ``id`` (or the load, ``id`` = 0)
+    failed with an error of ``kind`` (an ErrorKind value). ``message`` is fit for a client."""
+
+    id: int = 0
+    kind: str = "internal"
+    message: str = ""
+    param: str = ""
+    retry_after: float = 0.0
 
 
 class Shutdown(_Msg, frozen=True, kw_only=True):
     pass
 
 
-ToWorker = Union[LoadModel, Generate, Shutdown]
-FromWorker = Union[WorkerHello, ModelLoaded, Generated, WorkerError]
+ToWorker = Union[LoadModel, Job, CancelJob, Shutdown]
+FromWorker = Union[WorkerHello, ModelLoaded, Token, Done, Encoded, Failed]
+Terminal = (Done, Encoded, Failed)

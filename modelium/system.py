@@ -12,9 +12,9 @@ import hashlib
 import importlib.util
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -27,10 +27,11 @@ from actors.runner import Runners
 from actors.ticker import Ticker
 from actors.watcher import Watcher
 from modelium.analysis import AnalysisOptions
-from modelium.backends.hf import HFBackend
+from modelium.api.server import API_CLOSE_S, serve_http
+from modelium.backends import BACKENDS, backend_class
 from modelium.config import Settings
 from modelium.hardware import DeviceInfo, detect_devices
-from modelium.messages import ServerStarted, ServerStopped, StopAdmitting
+from modelium.messages import RequestFinished, ServerStarted, ServerStopped, StopAdmitting
 from modelium.policies import make_policy
 from storage.eventlog import EventLog
 from storage.registry import State, apply
@@ -38,48 +39,31 @@ from storage.snapshot import encode_state, rebuild, state_schema
 
 log = logging.getLogger("modelium.system")
 
-API_CLOSE_S = 2.0  # once drained, how long the HTTP server may take to write its last answers
-
 
 def worker_tag(db: Path) -> str:
     """Marks the worker processes of the server that owns ``db`` (to find orphans later)."""
     return "mdl-" + hashlib.sha256(str(Path(db).resolve()).encode()).hexdigest()[:16]
 
 
-def worker_processes(tag: str) -> list[tuple[int, int]]:
-    """(pid, parent pid) of the worker processes whose command line carries ``tag``."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"modelium.backends.hf_worker" in argv and tag.encode() in argv:
-            found.append((pid, ppid))
-    return found
-
-
 def reap_orphans(tag: str) -> list[int]:
-    """Kill worker processes left by an earlier server on the same log (they carry its tag).
-
-    Workers die with their server (parent-death signal, and EOF on their socket); this catches
-    any that did not. Only tagged worker processes that are not our children are killed."""
-    killed = []
-    for pid, ppid in worker_processes(tag):
-        if ppid == os.getpid():
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        except OSError:
-            pass
+    """Each backend kills the processes an earlier server on the same log left behind."""
+    killed: list[int] = []
+    for name in BACKENDS:
+        killed += backend_class(name).reap_orphans(tag)
     return killed
+
+
+def close_interrupted(elog: EventLog, registry: State) -> int:
+    """Requests admitted by an earlier server that never finished (it died) get their outcome
+    now: ``RequestFinished`` with status ``interrupted``, so every ``RequestArrived`` has one."""
+    n = 0
+    for m in list(registry.models.values()):
+        for request_id, _seq in sorted(m.pending.items(), key=lambda kv: kv[1]):
+            elog.publish(RequestFinished(model=m.name, request_id=request_id, status="interrupted",
+                                         error="the server stopped before the request finished",
+                                         error_kind="unavailable"))
+            n += 1
+    return n
 
 
 @dataclass
@@ -94,7 +78,7 @@ class System:
     runners: Runners
     brain: Brain
     watcher: Watcher
-    backend: HFBackend
+    backends: dict[str, Any]
     allocators: dict[str, Allocator] = field(default_factory=dict)
     address: str = ""
     stopping: bool = False
@@ -169,12 +153,17 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
         allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
         context_tokens=settings.context_tokens, concurrency=settings.concurrency,
         gpu_present=any(d.kind == "gpu" and not d.fake for d in devs),
-        vllm_available=importlib.util.find_spec("vllm") is not None,
+        # only recommend a backend this Modelium has
+        vllm_available="vllm" in BACKENDS and importlib.util.find_spec("vllm") is not None,
         runtime_overhead_bytes=settings.runtime_overhead,
     )
     try:
         async with trio.open_nursery() as root:
             await root.start(elog.run)
+            interrupted = close_interrupted(elog, registry)
+            if interrupted:
+                log.warning("%d request(s) were in flight when the last server stopped: logged as interrupted",
+                            interrupted)
             elog.publish(ServerStarted(pid=os.getpid(), version=modelium.__version__,
                                        models_dirs=[str(p) for p in settings.models_dirs],
                                        address=f"{settings.host}:{settings.port}"))
@@ -182,11 +171,14 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
             allocators = {d.name: Allocator(elog, d, registry) for d in devs}
             for a in allocators.values():
                 sup.start(root, a)
-            backend = HFBackend(spares=settings.spare_workers, tag=tag)
-            await root.start(backend.run)
-            router = sup.start(root, Router(elog, registry))
+            backends = {"transformers": backend_class("transformers")(
+                spares=settings.spare_workers, tag=tag, max_batch=settings.max_inflight,
+                encode_batch=settings.batch_max_size, batch_wait_ms=settings.batch_wait_ms)}
+            for backend in backends.values():
+                await root.start(backend.run)
+            router = sup.start(root, Router(elog, registry, max_queue=settings.max_queue))
             runners = sup.start(root, Runners(elog, registry, devices={d.name: d for d in devs},
-                                              allocators=allocators, router=router, backend=backend,
+                                              allocators=allocators, router=router, backends=backends,
                                               runner_nursery=root, grace_s=settings.drain_s,
                                               max_inflight=settings.max_inflight))
             brain = sup.start(root, Brain(elog, registry, policy))
@@ -197,11 +189,9 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
             for actor in (router, runners, brain, watcher):
                 await actor.started.wait()
             system = System(settings=settings, log=elog, registry=registry, devices={d.name: d for d in devs},
-                            router=router, runners=runners, brain=brain, watcher=watcher, backend=backend,
+                            router=router, runners=runners, brain=brain, watcher=watcher, backends=backends,
                             allocators=allocators, root=root)
             if serve_api:
-                from modelium.api.server import serve_http
-
                 system.address = await root.start(serve_http, system)
             else:
                 system.api_stopped.set()

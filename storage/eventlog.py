@@ -72,6 +72,18 @@ _decoder = msgspec.msgpack.Decoder(AnyEvent)
 # fields it bumps the type's ``V`` and registers the step here, so every old row stays readable.
 UPCASTERS: dict[tuple[str, int], Callable[[dict], dict]] = {}
 
+# Reject v1 carried an HTTP status; v2 carries the error kind (statuses belong to the API)
+_KIND_OF_STATUS = {400: "bad_request", 404: "not_found", 503: "unavailable", 507: "insufficient_memory"}
+
+
+def _reject_v1_to_v2(body: dict) -> dict:
+    body = dict(body)
+    body["kind"] = _KIND_OF_STATUS.get(body.pop("status", 503), "unavailable")
+    return body
+
+
+UPCASTERS[("Reject", 1)] = _reject_v1_to_v2
+
 
 def encode(event: Event) -> bytes:
     return _encoder.encode(event)

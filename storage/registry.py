@@ -30,6 +30,7 @@ from modelium.messages import (
     ModelSpec,
     Reject,
     Released,
+    REQUEST_STATUSES,
     RequestArrived,
     RequestFinished,
     RequestsRolledUp,
@@ -52,6 +53,7 @@ class RequestStats:
     timeout: int = 0
     rejected: int = 0
     cancelled: int = 0
+    interrupted: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queue_s: float = 0.0
@@ -59,7 +61,7 @@ class RequestStats:
 
     @property
     def total(self) -> int:
-        return self.ok + self.error + self.timeout + self.rejected + self.cancelled
+        return self.ok + self.error + self.timeout + self.rejected + self.cancelled + self.interrupted
 
 
 @dataclass
@@ -181,7 +183,7 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         if m is not None:
             m.last_used = max(m.last_used, event.last_ts)
             st = m.stats
-            for k in ("ok", "error", "timeout", "rejected", "cancelled"):
+            for k in REQUEST_STATUSES:
                 setattr(st, k, getattr(st, k) + getattr(event, k))
             st.prompt_tokens += event.prompt_tokens
             st.completion_tokens += event.completion_tokens

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from modelium.messages import LATENCY_BUCKETS, Event, RequestArrived, RequestFinished, RequestsRolledUp, latency_bucket
+from modelium.messages import (
+    LATENCY_BUCKETS,
+    REQUEST_STATUSES,
+    Event,
+    RequestArrived,
+    RequestFinished,
+    RequestsRolledUp,
+    latency_bucket,
+)
 
 REQUEST_TYPES = ("RequestArrived", "RequestFinished")
 
@@ -36,8 +44,7 @@ def plan_rollup(rows: Iterable[tuple[int, Event]]) -> tuple[list[int], list[tupl
     out: list[tuple[int, RequestsRolledUp]] = []
     for (model, minute), items in sorted(groups.items()):
         items.sort(key=lambda x: x[0])
-        counts = {"arrivals": 0, "ok": 0, "error": 0, "timeout": 0, "rejected": 0, "cancelled": 0,
-                  "prompt_tokens": 0, "completion_tokens": 0}
+        counts = {"arrivals": 0, **{k: 0 for k in REQUEST_STATUSES}, "prompt_tokens": 0, "completion_tokens": 0}
         queue_s = service_s = 0.0
         qh, sh = [0] * LATENCY_BUCKETS, [0] * LATENCY_BUCKETS
         for _, e in items:

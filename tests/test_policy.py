@@ -77,7 +77,7 @@ def test_a_model_larger_than_every_device_is_rejected_with_the_reason():
     s.model("big", 1000)
     t = s.arrive("big", "r1")
     [d] = decide(s)
-    assert isinstance(d, Reject) and d.status == 507 and d.through == t
+    assert isinstance(d, Reject) and d.kind == "insufficient_memory" and d.through == t
     assert "needs 1000.0 MiB" in d.reason and "largest device budget is 250.0 MiB" in d.reason
     s.add(msgspec.structs.replace(d, trigger=t))
     assert decide(s) == []  # rejected requests no longer want a load
@@ -107,7 +107,7 @@ def test_a_failed_model_is_rejected_until_the_retry_delay_passes():
     s.add(LoadFailed(model="a", device="cpu", reason="corrupt weights"))
     s.arrive("a", "r1")
     [d] = decide(s)
-    assert isinstance(d, Reject) and "corrupt weights" in d.reason and d.status == 503
+    assert isinstance(d, Reject) and "corrupt weights" in d.reason and d.kind == "unavailable"
     s.add(Tick(), dt=40)
     s.arrive("a", "r3")
     assert kinds(decide(s)) == [("Load", "a")]

@@ -1,121 +1,530 @@
-"""The HTTP API (Quart-Trio): OpenAI-compatible routes and Modelium's own.
+"""The HTTP and WebSocket API (Quart-Trio).
 
-OpenAI routes: ``GET /v1/models``, ``POST /v1/completions`` (non-streaming).
-Native routes: ``GET /health``, ``GET /models``, ``GET /models/<name>``.
+OpenAI's routes (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``,
+``/v1/embeddings``) and vLLM's ``/v1/classify``; the seeds' ``/predict/{model}`` and
+``/status``; WebSocket inference at ``/ws/infer`` (:mod:`modelium.api.ws`); Modelium's own
+``/health``, ``/models`` and ``/models/{name}``.
 
-Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a
-status that says whose fault it is: 400 bad input, 404 unknown model or route, 504 a request that
-waited past its deadline, 502/503 a worker or model that failed.
+A request is handed to the router (admission: 404, 400, 413 and 429 come from there at once);
+its frames then come straight from the model's worker on a per-request channel and are written
+as they come (SSE when ``stream`` is true). When a client goes away its request is cancelled
+down to the worker. Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}``
+with the status :mod:`modelium.api.errors` gives their kind.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
+from array import array
+from base64 import b64encode
 from typing import Any
 
 import msgspec
 import trio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 import modelium
 from actors.core import ActorDied
-from actors.router import ServeError
-from modelium.messages import Completion, CompletionResult, Submit
+from actors.router import Refused
+from modelium.api.errors import error_body, error_response, validation_error
+from modelium.api.limits import BodyLimit
+from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, PredictBody
+from modelium.core.errors import ErrorKind, ModeliumError
+from modelium.messages import Done, Encode, Encoded, Failed, Submit, Token
 
-MAX_TOKENS_LIMIT = 32768
-
-
-def error(status: int, message: str, *, type: str | None = None, code: str | None = None,
-          param: str | None = None) -> Response:
-    body = {"error": {"message": message,
-                      "type": type or ("invalid_request_error" if status < 500 else "server_error"),
-                      "param": param, "code": code}}
-    return Response(json.dumps(body), status=status, mimetype="application/json")
+_json = msgspec.json.Encoder()
 
 
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``; OpenAI's fields, with what Modelium cannot do refused."""
+def jsonify(body: Any, status: int = 200) -> Response:
+    return Response(_json.encode(body), status=status, mimetype="application/json")
 
-    model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, max_length=256)
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, strict=True)
-    stream: bool = Field(False, strict=True)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-    user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+class Tagged:
+    """A request's sink that tags its frames with the offset of the request's choices, so that
+    the requests of one API call (several prompts) share one channel."""
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be an empty list")
-        if isinstance(v, list) and len(v) > 64:
-            raise ValueError("at most 64 prompts per request")
-        return v
+    __slots__ = ("_send", "_offset")
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        if v is None:
+    def __init__(self, send: trio.MemorySendChannel, offset: int):
+        self._send = send
+        self._offset = offset
+
+    def send_nowait(self, frame: Any) -> None:
+        self._send.send_nowait((self._offset, frame))
+
+    def close(self) -> None:
+        self._send.close()
+
+
+class Calls:
+    """The requests of one API call, from the API's side: their frames on one channel, and their
+    cancellation when the handler leaves before they ended (the client went away)."""
+
+    def __init__(self, system: Any, model: str, kind: str, reqs: list[Any], *, prefix: str, per: int = 1,
+                 tenant: str = "", chars: list[int] | None = None):
+        self.system = system
+        self.model = model
+        self.kind = kind
+        self.reqs = reqs
+        self.per = per  # choices per request: request i's choices are numbered from i * per
+        self.tenant = tenant
+        self.chars = chars or [0] * len(reqs)
+        base = f"{prefix}-{uuid.uuid4().hex}"
+        self.ids = [base] if len(reqs) == 1 else [f"{base}-{i}" for i in range(len(reqs))]
+        self.open: set[str] = set()  # admitted, not ended
+        self._send, self._recv = trio.open_memory_channel[tuple[int, Any]](float("inf"))
+
+    async def submit(self) -> None:
+        """Admit every request (raises ModeliumError when one is refused: the others are cancelled)."""
+        timeout = self.system.settings.request_timeout_s
+        try:
+            for i, (rid, req) in enumerate(zip(self.ids, self.reqs)):
+                try:
+                    await self.system.router.ask(Submit(
+                        model=self.model, request_id=rid, kind=self.kind, request=req, timeout_s=timeout,
+                        sink=Tagged(self._send.clone(), i * self.per), tenant=self.tenant, prompt_chars=self.chars[i]))
+                except Refused as e:
+                    raise e.error from None
+                except ActorDied:
+                    raise ModeliumError(ErrorKind.unavailable,
+                                        "the server's router is restarting; retry the request") from None
+                self.open.add(rid)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self._send.close()  # the requests hold their clones
+
+    async def next(self) -> tuple[int, Any] | None:
+        """The next (offset, frame); None once every request has ended."""
+        if not self.open:
             return None
-        stops = [v] if isinstance(v, str) else v
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
+        try:
+            offset, frame = await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self.open.clear()
+            return 0, Failed(kind=ErrorKind.internal, message="the request ended without an answer")
+        if isinstance(frame, (Done, Encoded, Failed)):
+            self.open.discard(self.ids[offset // self.per])
+        return offset, frame
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """(param, reason) for a field set to something Modelium does not do yet."""
-        checks = [
-            ("stream", self.stream, "streaming is not supported yet; send stream=false"),
-            ("n", self.n != 1, "only n=1 is supported"),
-            ("best_of", self.best_of not in (None, 1), "best_of is not supported"),
-            ("echo", self.echo, "echo is not supported"),
-            ("logprobs", self.logprobs is not None, "logprobs are not supported"),
-            ("suffix", self.suffix is not None, "suffix is not supported"),
-            ("presence_penalty", self.presence_penalty != 0, "presence_penalty is not supported"),
-            ("frequency_penalty", self.frequency_penalty != 0, "frequency_penalty is not supported"),
-            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
-        ]
-        for param, bad, reason in checks:
-            if bad:
-                return param, reason
-        return None
+    def close(self) -> None:
+        """The handler is done; requests that have not ended are cancelled (client gone)."""
+        self._recv.close()
+        for rid in self.open:
+            self.system.router.cancel(rid)
+        self.open.clear()
 
 
-async def read_json() -> tuple[Any, Response | None]:
-    raw = await request.get_data()
-    if not raw:
-        return None, error(400, "the request body is empty; send a JSON object", code="invalid_json")
-    try:
-        return json.loads(raw), None
-    except (ValueError, UnicodeDecodeError) as e:
-        return None, error(400, f"the request body is not valid JSON: {e}", code="invalid_json")
-    except RecursionError:
-        return None, error(400, "the request body is nested too deeply", code="invalid_json")
+def usage(prompt: int, completion: int | None = None) -> dict[str, int]:
+    if completion is None:
+        return {"prompt_tokens": prompt, "total_tokens": prompt}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def validation_error(e: ValidationError) -> Response:
-    first = e.errors()[0]
-    param = ".".join(str(x) for x in first["loc"]) or None
-    msg = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
-    return error(400, msg, param=param, code="invalid_request")
+def sse(obj: Any) -> bytes:
+    return b"data: " + _json.encode(obj) + b"\n\n"
+
+
+class Generated:
+    """What generation frames add up to: per-choice text and finish reason, and the usage."""
+
+    def __init__(self, n: int):
+        self.text = [[] for _ in range(n)]
+        self.finish = [""] * n
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def add(self, frame: Any, offset: int = 0) -> None:
+        if isinstance(frame, Token):
+            self.text[offset + frame.index].append(frame.text)
+            if frame.finish:
+                self.finish[offset + frame.index] = frame.finish
+        elif isinstance(frame, Done):
+            self.prompt_tokens += frame.prompt_tokens
+            self.completion_tokens += frame.completion_tokens
+
+    def choice_text(self, i: int) -> str:
+        return "".join(self.text[i])
+
+
+def create_app(system: Any) -> QuartTrio:
+    app = QuartTrio("modelium")
+    settings = system.settings
+    registry = system.registry
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+    app.config["RESPONSE_TIMEOUT"] = None  # a stream lasts as long as its generation
+    app.asgi_app = BodyLimit(app.asgi_app, settings.max_body)  # type: ignore[method-assign]
+    started = time.time()
+
+    @app.errorhandler(HTTPException)
+    async def http_error(e: HTTPException):
+        kind = {404: ErrorKind.not_found, 405: ErrorKind.bad_request, 413: ErrorKind.too_large}.get(
+            e.code or 500, ErrorKind.bad_request if (e.code or 500) < 500 else ErrorKind.internal)
+        resp = error_response(ModeliumError(kind, e.description or e.name))
+        resp.status_code = e.code or 500
+        return resp
+
+    @app.errorhandler(ModeliumError)
+    async def modelium_error(e: ModeliumError):
+        return error_response(e)
+
+    async def body_of(model_cls: type[BaseModel]) -> Any:
+        raw = await request.get_data()
+        if not raw:
+            raise ModeliumError(ErrorKind.bad_request, "the request body is empty; send a JSON object")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ModeliumError(ErrorKind.bad_request, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ModeliumError(ErrorKind.bad_request, "the request body is nested too deeply") from None
+        if not isinstance(body, dict):
+            raise ModeliumError(ErrorKind.bad_request, "the request body must be a JSON object")
+        try:
+            return model_cls.model_validate(body)
+        except ValidationError as e:
+            raise validation_error(e) from None
+
+    # ------------------------------------------------------------------ status
+
+    @app.get("/health")
+    async def health():
+        models = registry.models.values()
+        return jsonify({
+            "status": "stopping" if getattr(system, "stopping", False) else "ok",
+            "version": modelium.__version__,
+            "seq": system.log.last_seq,
+            "committed_seq": system.log.committed_seq,
+            "models": len(registry.models),
+            "ready": sum(1 for m in models if m.state == "ready"),
+            "devices": {d.name: {"kind": d.kind, "budget_bytes": d.budget_bytes,
+                                 "used_bytes": registry.used_bytes(d.name), "fake": d.fake}
+                        for d in registry.devices.values()},
+        })
+
+    @app.get("/status")
+    async def status():
+        models = []
+        for m in sorted(registry.models.values(), key=lambda m: m.name):
+            queued, inflight = system.router.counts(m.name)
+            models.append({"name": m.name, "state": m.state, "reason": m.reason or None,
+                           "task": m.spec.task if m.spec else None, "device": m.device,
+                           "bytes": m.bytes or None, "queued": queued, "inflight": inflight})
+        devices = {}
+        for d in registry.devices.values():
+            devices[d.name] = {
+                "kind": d.kind, "label": d.label, "fake": d.fake, "total_bytes": d.total_bytes,
+                "budget_bytes": d.budget_bytes, "reserved_bytes": sum(d.reserved.values()),
+                "used_bytes": (d.total_bytes - d.free_bytes) if d.free_bytes is not None else None,
+            }
+        return jsonify({
+            "server": {"version": modelium.__version__, "pid": os.getpid(),
+                       "state": "stopping" if getattr(system, "stopping", False) else "serving",
+                       "uptime_s": round(time.time() - started, 3), "seq": system.log.last_seq,
+                       "committed_seq": system.log.committed_seq, "policy": registry.policy},
+            "devices": devices,
+            "models": models,
+        })
+
+    def openai_model(m: Any) -> dict[str, Any]:
+        spec = m.spec
+        return {"id": m.name, "object": "model", "created": int(m.discovered_at), "owned_by": "modelium",
+                "root": m.name, "parent": None, "max_model_len": (spec.max_context or None) if spec else None,
+                "modelium": {"task": spec.task if spec else None, "state": m.state, "device": m.device,
+                             "reason": m.reason or None}}
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = [openai_model(m) for m in sorted(registry.models.values(), key=lambda m: m.name)
+                if m.state != "invalid" and m.spec is not None and not m.removed]
+        return jsonify({"object": "list", "data": data})
+
+    @app.get("/v1/models/<path:name>")
+    async def get_model(name: str):
+        m = registry.models.get(name)
+        if m is None or m.removed:
+            raise ModeliumError(ErrorKind.not_found, f"The model '{name}' does not exist", param="model")
+        return jsonify(openai_model(m))
+
+    @app.get("/models")
+    async def models():
+        return jsonify({"models": [model_summary(m) for m in sorted(registry.models.values(), key=lambda m: m.name)]})
+
+    @app.get("/models/<path:name>")
+    async def model(name: str):
+        m = registry.models.get(name)
+        if m is None:
+            raise ModeliumError(ErrorKind.not_found, f"The model '{name}' does not exist", param="name")
+        out = model_summary(m)
+        out["spec"] = msgspec.to_builtins(m.spec) if m.spec is not None else None
+        out["fingerprint"] = m.fingerprint
+        return jsonify(out)
+
+    # ------------------------------------------------------------------ generation
+
+    async def generate(calls: Calls, stream: bool, build_chunk, build_final, include_usage: bool):
+        """Submit the requests, then answer: one JSON body, or an SSE stream."""
+        await calls.submit()
+        n = len(calls.reqs) * calls.per
+        if not stream:
+            try:
+                acc = Generated(n)
+                while (item := await calls.next()) is not None:
+                    offset, frame = item
+                    if isinstance(frame, Failed):
+                        raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
+                    acc.add(frame, offset)
+                return jsonify(build_final(acc))
+            finally:
+                calls.close()
+
+        # streaming: wait for the first frame, so that a request that fails before its first
+        # token gets a proper HTTP status; then stream
+        try:
+            first = await calls.next()
+        except BaseException:
+            calls.close()
+            raise
+        if first is None or isinstance(first[1], Failed):
+            calls.close()
+            frame = first[1] if first else Failed(kind=ErrorKind.internal, message="no answer")
+            raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
+
+        async def body():
+            acc = Generated(n)
+            item: tuple[int, Any] | None = first
+            try:
+                for chunk in build_chunk(None, 0, include_usage):  # opening chunks (chat roles)
+                    yield sse(chunk)
+                while item is not None:
+                    offset, frame = item
+                    if isinstance(frame, Failed):
+                        yield sse(error_body(frame.kind, frame.message, frame.param or None))
+                        yield b"data: [DONE]\n\n"
+                        return
+                    acc.add(frame, offset)
+                    for chunk in build_chunk(frame, offset, include_usage):
+                        yield sse(chunk)
+                    item = await calls.next()
+                if include_usage:
+                    yield sse(build_final(acc, usage_chunk=True))
+                yield b"data: [DONE]\n\n"
+            finally:
+                calls.close()
+
+        resp = Response(body(), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        resp.timeout = None
+        return resp
+
+    @app.post("/v1/completions")
+    async def completions():
+        req: CompletionRequest = await body_of(CompletionRequest)
+        req.check()
+        prompts = req.prompts()
+        cid = "cmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+        n = req.n or 1
+        calls = Calls(system, req.model, "completion", [req.to_request(p) for p in prompts], prefix="cmpl",
+                      per=n, chars=[len(p) if isinstance(p, str) else 0 for p in prompts])
+
+        def head() -> dict[str, Any]:
+            return {"id": cid, "object": "text_completion", "created": created, "model": req.model}
+
+        def chunk(frame, offset, include_usage):
+            if frame is None or not isinstance(frame, Token):
+                return []
+            if not frame.text and not frame.finish:
+                return []
+            c = head() | {"choices": [{"index": offset + frame.index, "text": frame.text, "logprobs": None,
+                                       "finish_reason": _finish(frame.finish)}]}
+            if include_usage:
+                c["usage"] = None
+            return [c]
+
+        def final(acc: Generated, usage_chunk: bool = False):
+            u = usage(acc.prompt_tokens, acc.completion_tokens)
+            if usage_chunk:
+                return head() | {"choices": [], "usage": u}
+            return head() | {"choices": [{"index": i, "text": acc.choice_text(i), "logprobs": None,
+                                          "finish_reason": _finish(acc.finish[i])} for i in range(len(acc.text))],
+                             "usage": u}
+
+        return await generate(calls, bool(req.stream), chunk, final, req.include_usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        req: ChatRequest = await body_of(ChatRequest)
+        req.check()
+        gen = req.to_request()
+        cid = "chatcmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+        n = req.n or 1
+        calls = Calls(system, req.model, "chat", [gen], prefix="chatcmpl", per=n,
+                      chars=[sum(len(m.content) for m in gen.messages)])
+
+        def head() -> dict[str, Any]:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "system_fingerprint": None}
+
+        def chunk(frame, offset, include_usage):
+            extra = {"usage": None} if include_usage else {}
+            if frame is None:  # the opening chunk of each choice names the role
+                return [head() | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}]} | extra for i in range(n)]
+            if not isinstance(frame, Token):
+                return []
+            out = []
+            if frame.text:
+                out.append(head() | {"choices": [{"index": frame.index, "delta": {"content": frame.text},
+                                                  "logprobs": None, "finish_reason": None}]} | extra)
+            if frame.finish:
+                out.append(head() | {"choices": [{"index": frame.index, "delta": {}, "logprobs": None,
+                                                  "finish_reason": _finish(frame.finish)}]} | extra)
+            return out
+
+        def final(acc: Generated, usage_chunk: bool = False):
+            u = usage(acc.prompt_tokens, acc.completion_tokens)
+            if usage_chunk:
+                return head() | {"choices": [], "usage": u}
+            return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                    "system_fingerprint": None,
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": acc.choice_text(i)},
+                                 "logprobs": None, "finish_reason": _finish(acc.finish[i])}
+                                for i in range(len(acc.text))],
+                    "usage": u}
+
+        return await generate(calls, bool(req.stream), chunk, final, req.include_usage)
+
+    # ------------------------------------------------------------------ encoders
+
+    async def encode(model: str, kind: str, req: Encode, prefix: str, tenant: str = "") -> Encoded:
+        calls = Calls(system, model, kind, [req], prefix=prefix, tenant=tenant, chars=[sum(len(t) for t in req.texts)])
+        try:
+            await calls.submit()
+            item = await calls.next()
+        finally:
+            calls.close()
+        frame = item[1] if item else Failed(kind=ErrorKind.internal, message="no answer")
+        if isinstance(frame, Failed):
+            raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
+        return frame
+
+    @app.post("/v1/embeddings")
+    async def embeddings():
+        req: EmbeddingRequest = await body_of(EmbeddingRequest)
+        out = await encode(req.model, "embedding", req.to_request(), "embd")
+        if req.dimensions is not None and req.dimensions != out.dim:
+            raise ModeliumError(ErrorKind.bad_request, f"dimensions must be {out.dim} for this model "
+                                                       "(it does not shorten its embeddings)", param="dimensions")
+        return jsonify({"object": "list", "model": req.model,
+                        "data": embedding_objects(out, req.encoding_format),
+                        "usage": usage(out.prompt_tokens)})
+
+    async def classify_route():
+        req: ClassifyRequest = await body_of(ClassifyRequest)
+        out = await encode(req.model, "classify", req.to_request(), "classify")
+        return jsonify({"id": "classify-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
+                        "model": req.model, "data": classifications(out),
+                        "usage": usage(out.prompt_tokens, 0)})
+
+    app.add_url_rule("/v1/classify", "classify_v1", classify_route, methods=["POST"])
+    app.add_url_rule("/classify", "classify", classify_route, methods=["POST"])
+
+    # ------------------------------------------------------------------ the seeds' routes
+
+    @app.post("/predict/<path:name>")
+    async def predict(name: str):
+        t0 = time.perf_counter()
+        body: PredictBody = await body_of(PredictBody)
+        entry = registry.models.get(name)
+        task = entry.spec.task if entry is not None and entry.spec is not None else None
+        tenant = body.organizationId or ""
+        if task in ("embedding", "classification"):
+            if body.input is None:
+                raise ModeliumError(ErrorKind.bad_request, f"model '{name}' is a {task} model: send 'input'",
+                                    param="input")
+            many = not isinstance(body.input, str)
+            if task == "embedding":
+                out = await encode(name, "embedding", EmbeddingRequest(model=name, input=body.input).to_request(),
+                                   "predict", tenant)
+                vecs = [d["embedding"] for d in embedding_objects(out, "float")]
+                output: Any = vecs if many else vecs[0]
+            else:
+                if not isinstance(body.input, (str, list)) or (isinstance(body.input, list) and not all(
+                        isinstance(x, str) for x in body.input)):
+                    raise ModeliumError(ErrorKind.bad_request, "classification takes text input", param="input")
+                out = await encode(name, "classify", ClassifyRequest(model=name, input=body.input).to_request(),
+                                   "predict", tenant)
+                res = [{"label": c["label"], "probs": c["probs"]} for c in classifications(out)]
+                output = res if many else res[0]
+            u = usage(out.prompt_tokens)
+        else:
+            params = body.sampling(name)
+            if body.input is not None:
+                raise ModeliumError(ErrorKind.bad_request, "generation models take 'prompt' or 'messages'",
+                                    param="input")
+            if body.max_tokens is not None:
+                params["max_tokens"] = body.max_tokens
+            if body.messages is not None:
+                req = ChatRequest(messages=body.messages, **params)
+                gen, kind = req.to_request(), "chat"
+            else:
+                creq = CompletionRequest(prompt=body.prompt, **params)
+                gen, kind = creq.to_request(creq.prompts()[0]), "completion"
+            calls = Calls(system, name, kind, [gen], prefix="predict", per=gen.n, tenant=tenant,
+                          chars=[len(gen.prompt) + sum(len(m.content) for m in gen.messages)])
+            acc = Generated(gen.n)
+            try:
+                await calls.submit()
+                while (item := await calls.next()) is not None:
+                    if isinstance(item[1], Failed):
+                        raise ModeliumError(item[1].kind, item[1].message, param=item[1].param or None)
+                    acc.add(item[1], item[0])
+            finally:
+                calls.close()
+            texts = [acc.choice_text(i) for i in range(gen.n)]
+            output = texts[0] if gen.n == 1 else texts
+            u = usage(acc.prompt_tokens, acc.completion_tokens)
+        return jsonify({"model": name, "organizationId": body.organizationId, "output": output, "usage": u,
+                        "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+    from modelium.api.ws import add_websocket_routes
+
+    add_websocket_routes(app, system)
+    return app
+
+
+def _finish(reason: str) -> str | None:
+    """OpenAI's finish_reason: "stop", "length", or null while going (a cancelled choice: null)."""
+    return reason if reason in ("stop", "length") else None
+
+
+def embedding_objects(out: Encoded, fmt: str) -> list[dict[str, Any]]:
+    size = out.dim * 4
+    data = []
+    for i in range(out.count):
+        raw = out.data[i * size:(i + 1) * size]
+        if fmt == "base64":
+            vec: Any = b64encode(raw).decode("ascii")
+        else:
+            a = array("f")
+            a.frombytes(raw)
+            vec = a.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+    return data
+
+
+def classifications(out: Encoded) -> list[dict[str, Any]]:
+    return [{"index": i, "label": out.labels[i], "probs": out.probs[i], "num_classes": out.dim}
+            for i in range(out.count)]
 
 
 def model_summary(m: Any) -> dict[str, Any]:
@@ -141,99 +550,3 @@ def model_summary(m: Any) -> dict[str, Any]:
         "requests": dict(vars(m.stats)),
     }
 
-
-def create_app(system: Any) -> QuartTrio:
-    app = QuartTrio("modelium")
-    app.config["MAX_CONTENT_LENGTH"] = 16 * 2**20
-    settings = system.settings
-    registry = system.registry
-
-    @app.errorhandler(HTTPException)
-    async def http_error(e: HTTPException):
-        return error(e.code or 500, e.description or e.name, code=e.name.lower().replace(" ", "_"))
-
-    @app.get("/health")
-    async def health():
-        models = registry.models.values()
-        return {
-            "status": "stopping" if getattr(system, "stopping", False) else "ok",
-            "version": modelium.__version__,
-            "seq": system.log.last_seq,
-            "committed_seq": system.log.committed_seq,
-            "models": len(registry.models),
-            "ready": sum(1 for m in models if m.state == "ready"),
-            "devices": {d.name: {"kind": d.kind, "budget_bytes": d.budget_bytes, "used_bytes": registry.used_bytes(d.name),
-                                 "fake": d.fake} for d in registry.devices.values()},
-        }
-
-    @app.get("/v1/models")
-    async def list_models():
-        data = [{"id": m.name, "object": "model", "created": int(m.discovered_at), "owned_by": "modelium"} for m in sorted(registry.models.values(), key=lambda m: m.name)
-                if m.state != "invalid" and m.spec is not None and not m.removed]
-        return {"object": "list", "data": data}
-
-    @app.get("/models")
-    async def models():
-        return {"models": [model_summary(m) for m in sorted(registry.models.values(), key=lambda m: m.name)]}
-
-    @app.get("/models/<name>")
-    async def model(name: str):
-        m = registry.models.get(name)
-        if m is None:
-            return error(404, f"The model '{name}' does not exist", code="model_not_found", param="name")
-        out = model_summary(m)
-        out["spec"] = msgspec.to_builtins(m.spec) if m.spec is not None else None
-        out["fingerprint"] = m.fingerprint
-        return out
-
-    @app.post("/v1/completions")
-    async def completions():
-        body, bad = await read_json()
-        if bad is not None:
-            return bad
-        if not isinstance(body, dict):
-            return error(400, "the request body must be a JSON object", code="invalid_request")
-        try:
-            req = CompletionRequest.model_validate(body)
-        except ValidationError as e:
-            return validation_error(e)
-        no = req.unsupported()
-        if no is not None:
-            return error(400, no[1], param=no[0], code="unsupported")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        cid = "cmpl-" + uuid.uuid4().hex
-        results: list[CompletionResult | None] = [None] * len(prompts)
-        failure: list[BaseException] = []
-
-        async def one(i: int, prompt: str) -> None:
-            completion = Completion(prompt=prompt, max_tokens=req.max_tokens or 16, temperature=req.temperature,
-                                    top_p=req.top_p, stop=req.stop or [], seed=req.seed)
-            submit = Submit(model=req.model, request_id=f"{cid}-{i}" if len(prompts) > 1 else cid,
-                            request=completion, timeout_s=settings.request_timeout_s)
-            try:
-                results[i] = await system.router.ask(submit)
-            except (ServeError, ActorDied) as exc:
-                failure.append(exc)
-
-        async with trio.open_nursery() as n:
-            for i, p in enumerate(prompts):
-                n.start_soon(one, i, p)
-        if failure:
-            exc = failure[0]
-            if isinstance(exc, ServeError):
-                return error(exc.status, exc.message, type=exc.type, code=exc.code,
-                             param="model" if exc.status == 404 else None)
-            return error(503, f"the request could not be served: {exc}", code="unavailable")
-        usage_p = sum(r.prompt_tokens for r in results)
-        usage_c = sum(r.completion_tokens for r in results)
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": req.model,
-            "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-                        for i, r in enumerate(results)],
-            "usage": {"prompt_tokens": usage_p, "completion_tokens": usage_c, "total_tokens": usage_p + usage_c},
-        }
-
-    return app

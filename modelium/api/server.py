@@ -11,9 +11,10 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from modelium.api.app import create_app
-from modelium.system import API_CLOSE_S
 
 log = logging.getLogger("modelium.api")
+
+API_CLOSE_S = 2.0  # once drained, how long the HTTP server may take to write its last answers
 
 
 async def serve_http(system: Any, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -104,6 +104,12 @@ class SyncChannel:
         with self._write_lock:
             self.sock.sendall(data)
 
+    def send_many(self, msgs: list[Any]) -> None:
+        """Several frames in one write (a decode step's tokens for every sequence)."""
+        data = b"".join(encode_frame(m, max_frame=self.max_frame) for m in msgs)
+        with self._write_lock:
+            self.sock.sendall(data)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -151,6 +157,11 @@ class TrioChannel:
 
     async def send(self, msg: Any) -> None:
         data = encode_frame(msg, max_frame=self.max_frame)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def send_many(self, msgs: list[Any]) -> None:
+        data = b"".join(encode_frame(m, max_frame=self.max_frame) for m in msgs)
         async with self._send_lock:
             await self.stream.send_all(data)
 

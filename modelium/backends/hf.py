@@ -31,24 +31,30 @@ from typing import Any, Callable, Literal
 
 import trio
 
+from modelium.backends.base import Outcome
 from modelium.backends.framing import FrameError, TrioChannel
+from modelium.core.errors import ErrorKind, ModeliumError
+from modelium.hardware import DeviceInfo
 from modelium.messages import (
-    Completion,
-    CompletionResult,
+    CancelJob,
+    Done,
+    Encoded,
+    Failed,
     FromWorker,
-    Generate,
-    Generated,
+    InferRequest,
+    Job,
     LoadModel,
     ModelLoaded,
+    ModelSpec,
     Shutdown,
-    WorkerError,
+    Token,
     WorkerHello,
 )
 
 log = logging.getLogger("modelium.backends.hf")
 worker_log = logging.getLogger("modelium.worker")
 
-ErrorKind = Literal["load", "bad_request", "internal", "crashed"]
+WORKER_MODULE = "modelium.backends.hf_worker"
 
 OUTPUT_TAIL_BYTES = 8192
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
@@ -56,15 +62,22 @@ _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARN
 
 
 class BackendError(Exception):
-    """A backend operation failed. ``kind``: "load" | "bad_request" | "internal" | "crashed"."""
+    """A worker process could not be started, loaded or spoken to. ``kind``: "load" (the model
+    did not load) or "crashed" (the process died or would not start). ``reason`` is for the
+    server's log and events (it may quote the worker's output); :meth:`public` is for clients."""
 
-    def __init__(self, reason: str, kind: ErrorKind = "internal"):
+    def __init__(self, reason: str, kind: Literal["load", "crashed"] = "crashed", public: str = ""):
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
+        self._public = public
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.reason}"
+
+    def public(self) -> ModeliumError:
+        return ModeliumError(ErrorKind.unavailable, self._public or (
+            "the model failed to load" if self.kind == "load" else "the model's worker process failed"))
 
 
 def describe_exit(code: int | None) -> str:
@@ -106,6 +119,55 @@ class _Slot:
         return self.value
 
 
+class HFJob:
+    """One request in a worker: its frames go to ``sink``; ``outcome()`` waits for its end."""
+
+    __slots__ = ("id", "sink", "first_token_at", "client_gone", "terminal", "_done")
+
+    def __init__(self, id: int, sink: Any):
+        self.id = id
+        self.sink = sink
+        self.first_token_at = 0.0
+        self.client_gone = False  # the sink's reader went away (or was given its last frame)
+        self.terminal: Done | Encoded | Failed | None = None
+        self._done = trio.Event()
+
+    @property
+    def ended(self) -> bool:
+        return self._done.is_set()
+
+    def deliver(self, frame: Any) -> bool:
+        """Hand a frame to the client; False when the client has gone away."""
+        if self.client_gone:
+            return False
+        try:
+            self.sink.send_nowait(frame)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+            self.client_gone = True
+            return False
+
+    def close_sink(self) -> None:
+        self.client_gone = True
+        try:
+            self.sink.close()
+        except Exception:  # noqa: BLE001 - a sink that is gone already
+            pass
+
+    def end(self, frame: Done | Encoded | Failed) -> None:
+        if self._done.is_set():
+            return
+        self.terminal = frame
+        self.deliver(frame)
+        self.close_sink()
+        self._done.set()
+
+    async def outcome(self) -> Outcome:
+        await self._done.wait()
+        assert self.terminal is not None
+        return Outcome(self.terminal, self.first_token_at, self.client_gone)
+
+
 class HFWorker:
     """One worker process. Made by :class:`HFBackend`; its helper tasks run in the backend's nursery."""
 
@@ -123,7 +185,7 @@ class HFWorker:
         self.from_spare = False  # acquire() handed out a worker that was warm already
         self.returncode: int | None = None
         self._on_exit = on_exit
-        self._pending: dict[int, _Slot] = {}
+        self._jobs: dict[int, HFJob] = {}
         self._load_slot: _Slot | None = None
         self._next_id = 1
         self._stopping = False
@@ -133,6 +195,7 @@ class HFWorker:
         self._exit_event = trio.Event()
         self._output_done = trio.Event()
         self._watching = False
+        self._out_send, self._out_recv = trio.open_memory_channel[Any](float("inf"))
 
     def __repr__(self) -> str:
         state = "exited" if self.exited else ("loaded" if self.loaded else ("ready" if self.hello else "starting"))
@@ -151,7 +214,11 @@ class HFWorker:
 
     @property
     def inflight(self) -> int:
-        return len(self._pending)
+        return len(self._jobs)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.loaded.memory_bytes if self.loaded is not None else 0
 
     def _tail_for_reason(self, n: int = 1500) -> str:
         tail = self.output_tail.strip()
@@ -169,6 +236,7 @@ class HFWorker:
     def _start(self, nursery: trio.Nursery) -> None:
         self._watching = True
         nursery.start_soon(self._guard, self._read_frames)
+        nursery.start_soon(self._guard, self._write_frames)
         nursery.start_soon(self._guard, self._pump_output)
         nursery.start_soon(self._guard, self._watch_exit)
 
@@ -201,21 +269,40 @@ class HFWorker:
                 log.warning("worker %d closed its socket but did not exit; killing it", self.pid)
                 self._kill()
 
+    async def _write_frames(self) -> None:
+        """Jobs and cancels, in the order they were queued, several per write when they pile up."""
+        async for frame in self._out_recv:
+            frames = [frame]
+            while True:
+                try:
+                    frames.append(self._out_recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            try:
+                await self._chan.send_many(frames)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                self._lost = self._lost or f"connection lost: {e or type(e).__name__}"
+                return  # the exit watcher fails the jobs
+
     def _dispatch(self, msg: Any) -> None:
-        if isinstance(msg, Generated):
-            slot = self._pending.get(msg.id)
-            if slot is not None:
-                slot.set(msg.result)
-        elif isinstance(msg, WorkerError):
-            if msg.id == 0:
-                if self._load_slot is not None:
-                    self._load_slot.fail(BackendError(msg.error, kind="load"))
-                else:
-                    log.warning("worker %d: error outside a load: %s", self.pid, msg.error)
+        if isinstance(msg, Token):
+            job = self._jobs.get(msg.id)
+            if job is not None:
+                if not job.first_token_at:
+                    job.first_token_at = trio.current_time()
+                if not job.deliver(msg) and not job.ended:
+                    self._queue(CancelJob(id=msg.id))  # nobody reads it any more: stop it
+                    job.close_sink()
+        elif isinstance(msg, (Done, Encoded)) or (isinstance(msg, Failed) and msg.id):
+            job = self._jobs.pop(msg.id, None)
+            if job is not None:
+                job.end(msg)
+        elif isinstance(msg, Failed):  # id 0: the load
+            if self._load_slot is not None:
+                self._load_slot.fail(BackendError(msg.message, kind="load", public=(
+                    f"the model failed to load: {msg.message}" if msg.kind == "unavailable" else "")))
             else:
-                slot = self._pending.get(msg.id)
-                if slot is not None:
-                    slot.fail(BackendError(msg.error, kind=msg.kind))
+                log.warning("worker %d: error outside a load: %s", self.pid, msg.message)
         elif isinstance(msg, ModelLoaded):
             self.loaded = msg
             if self._load_slot is not None:
@@ -288,30 +375,37 @@ class HFWorker:
         if code is None:
             return False
         if not self.exited:
+            if self._jobs:  # clients are waiting: tell them now, the output can come after
+                self._fail_jobs(code)
             # give the output pump a moment to read the last lines (a traceback, say)
             with trio.move_on_after(0.5):
                 await self._output_done.wait()
             self._mark_exited(code)
         return True
 
+    def _fail_jobs(self, code: int) -> None:
+        jobs, self._jobs = list(self._jobs.values()), {}
+        if jobs:
+            log.warning("worker %d %s with %d request(s) in flight", self.pid, describe_exit(code), len(jobs))
+        for job in jobs:
+            job.end(Failed(id=job.id, kind=ErrorKind.worker_crashed,
+                           message=f"the model's worker process {describe_exit(code).replace('was ', '')} "
+                                   "while serving this request"))
+
     def _mark_exited(self, code: int) -> None:
         if self._exit_event.is_set():
             return
         self.returncode = code
-        reason = self._gone_reason()
-        if self._pending:
-            log.warning("worker %d %s with %d request(s) in flight",
-                        self.pid, describe_exit(code), len(self._pending))
-        elif not self._stopping:
+        self._fail_jobs(code)
+        if not self._stopping:
             log.info("worker %d %s", self.pid, describe_exit(code))
-        for slot in self._pending.values():
-            slot.fail(BackendError(reason, kind="crashed"))
         if self._load_slot is not None:
-            self._load_slot.fail(BackendError(f"the worker died during the load: {reason}", kind="load"))
+            self._load_slot.fail(BackendError(f"the worker died during the load: {self._gone_reason()}", kind="load"))
         try:
             self._chan.stream.socket.close()  # type: ignore[attr-defined]
         except Exception:
             pass
+        self._out_send.close()
         self._hello_or_exit.set()
         self._exit_event.set()
         if self._on_exit is not None:
@@ -328,6 +422,12 @@ class HFWorker:
                 self._popen.kill()
             except OSError:
                 pass
+
+    def _queue(self, frame: Any) -> None:
+        try:
+            self._out_send.send_nowait(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the worker is gone; its jobs are failed by the exit watcher
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -346,17 +446,8 @@ class HFWorker:
         raise BackendError(f"worker {self.pid} {describe_exit(self.returncode)} before it was ready"
                            f"{self._tail_for_reason()}", kind="crashed")
 
-    async def _send(self, msg: Any, kind: ErrorKind = "crashed") -> None:
-        try:
-            await self._chan.send(msg)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            self._lost = self._lost or f"connection lost: {e or type(e).__name__}"
-            await self._poll_exit(2.0)  # for the exit code in the reason
-            raise BackendError(self._gone_reason(), kind=kind) from None
-
-    async def load(self, spec_path: str, task: str, device: str, dtype: str = "auto", *,
-                   trust_remote_code: bool = False) -> ModelLoaded:
-        """Load the model at ``spec_path``; raises BackendError(kind="load") with the reason."""
+    async def load(self, msg: LoadModel) -> ModelLoaded:
+        """Load a model; raises BackendError(kind="load") with the reason."""
         if self.exited:
             raise BackendError(self._gone_reason(), kind="load")
         if self._load_slot is not None:
@@ -365,27 +456,34 @@ class HFWorker:
             raise BackendError(f"worker {self.pid} has a model loaded already", kind="load")
         slot = self._load_slot = _Slot()
         try:
-            await self._send(LoadModel(path=spec_path, task=task, device=device, dtype=dtype,
-                                       trust_remote_code=trust_remote_code), kind="load")
+            self._queue(msg)
             return await slot.wait()
         finally:
             self._load_slot = None
 
-    async def generate(self, request: Completion) -> CompletionResult:
-        """Run one completion; many may be in flight at once. Raises BackendError."""
-        if self.exited:
-            raise BackendError(self._gone_reason(), kind="crashed")
-        if self.loaded is None:
-            raise BackendError(f"no model is loaded in worker {self.pid}", kind="internal")
-        rid = self._next_id
+    def submit(self, request: InferRequest, sink: Any) -> HFJob:
+        """Queue one request; its frames go to ``sink``. Never blocks; a worker that has exited
+        ends the job at once with a ``worker_crashed`` failure."""
+        job = HFJob(self._next_id, sink)
         self._next_id += 1
-        slot = self._pending[rid] = _Slot()
-        try:
-            await self._send(Generate(id=rid, request=request))
-            return await slot.wait()
-        finally:
-            # a cancelled caller's answer is dropped on arrival (the worker still computes it)
-            self._pending.pop(rid, None)
+        if self.exited or self.loaded is None:
+            job.end(Failed(id=job.id, kind=ErrorKind.worker_crashed if self.exited else ErrorKind.unavailable,
+                           message="the model's worker process is not running" if self.exited
+                           else "no model is loaded in this worker"))
+            return job
+        self._jobs[job.id] = job
+        self._queue(Job(id=job.id, request=request))
+        return job
+
+    def cancel(self, job: HFJob, frame: Failed | None = None) -> None:
+        """Stop ``job`` in the worker (before its next decode step). With ``frame``, the client
+        gets it now as its last frame, and nothing after it."""
+        if job.ended:
+            return
+        if frame is not None:
+            job.deliver(msgspec_replace_id(frame, job.id))
+            job.close_sink()
+        self._queue(CancelJob(id=job.id))
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Ask the worker to exit, SIGKILL it after ``grace_s``, and reap it. Idempotent."""
@@ -420,6 +518,12 @@ class HFWorker:
             await self.stop()
 
 
+def msgspec_replace_id(frame: Failed, id: int) -> Failed:
+    import msgspec
+
+    return msgspec.structs.replace(frame, id=id)
+
+
 class HFBackend:
     """Spawns transformers workers and keeps ``spares`` of them warm.
 
@@ -431,7 +535,11 @@ class HFBackend:
     name = "transformers"
 
     def __init__(self, *, spares: int = 1, tag: str = "", python: str = sys.executable,
-                 env: dict | None = None, hello_timeout_s: float = 180.0, stop_grace_s: float = 2.0):
+                 env: dict | None = None, hello_timeout_s: float = 180.0, stop_grace_s: float = 2.0,
+                 max_batch: int = 64, encode_batch: int = 32, batch_wait_ms: float = 2.0):
+        self.max_batch = max(1, max_batch)  # sequences decoded together
+        self.encode_batch = max(1, encode_batch)  # inputs per encoder forward pass
+        self.batch_wait_ms = batch_wait_ms
         self.spares = max(0, spares)
         self.tag = tag
         self.python = python
@@ -475,7 +583,7 @@ class HFBackend:
         parent_sock, child_sock = socket.socketpair()
         read_fd, write_fd = os.pipe()
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        cmd = [self.python, "-m", "modelium.backends.hf_worker", "--fd", str(child_sock.fileno()),
+        cmd = [self.python, "-m", WORKER_MODULE, "--fd", str(child_sock.fileno()),
                "--parent", str(os.getpid()), "--tag", self.tag]
         try:
             popen = subprocess.Popen(
@@ -566,6 +674,64 @@ class HFBackend:
                 await worker.stop(grace_s=0)
             raise
         return worker
+
+    def load_message(self, spec: ModelSpec, device: DeviceInfo) -> LoadModel:
+        """What a worker needs to know to load ``spec`` on ``device``."""
+        encoder = spec.task in ("embedding", "classification")
+        return LoadModel(
+            path=spec.path, task=spec.task, device=device.torch_device, trust_remote_code=spec.trust_remote_code,
+            subfolder=spec.subfolder, pooling=spec.pooling, normalize=spec.normalize,
+            max_input=spec.max_context if encoder else 0,
+            max_batch=self.encode_batch if encoder else self.max_batch, batch_wait_ms=self.batch_wait_ms,
+        )
+
+    async def start(self, spec: ModelSpec, device: DeviceInfo, grant: int) -> HFWorker:
+        """A worker (a warm spare when there is one) with ``spec`` loaded on ``device``. The grant
+        is not enforced by this backend yet; the worker's measured memory is in ``loaded``."""
+        worker = await self.acquire()
+        try:
+            await worker.load(self.load_message(spec, device))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await worker.stop(grace_s=0)
+            raise
+        return worker
+
+    @staticmethod
+    def processes(tag: str) -> list[tuple[int, int]]:
+        """(pid, parent pid) of the worker processes whose command line carries ``tag``."""
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if WORKER_MODULE.encode() in argv and tag.encode() in argv:
+                found.append((pid, ppid))
+        return found
+
+    @staticmethod
+    def reap_orphans(tag: str) -> list[int]:
+        """Kill worker processes left by an earlier server on the same log (they carry its tag).
+
+        Workers die with their server (parent-death signal, and EOF on their socket); this
+        catches any that did not. Only tagged workers that are not our children are killed."""
+        killed = []
+        for pid, ppid in HFBackend.processes(tag):
+            if ppid == os.getpid():
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+        return killed
 
     async def _stop_all(self) -> None:
         workers = list(self._workers)

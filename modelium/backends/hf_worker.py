@@ -3,17 +3,30 @@
 One worker serves one model. It talks to its runner over the socket ``--fd`` (inherited, one end
 of a ``socketpair``) with the frames of :mod:`modelium.backends.framing`:
 
-    worker -> WorkerHello                 once torch and transformers are imported
-    LoadModel -> ModelLoaded | WorkerError(id=0, kind="load")
-    Generate(id) -> Generated(id) | WorkerError(id, kind="bad_request" | "internal")
+    worker -> WorkerHello                       once torch and transformers are imported
+    LoadModel -> ModelLoaded | Failed(id=0)
+    Job(id, Generation) -> Token(id, ...)* then Done(id) | Failed(id)
+    Job(id, Encode)     -> Encoded(id) | Failed(id)
+    CancelJob(id)       -> the job ends before its next decode step (Done with cancelled=True)
     Shutdown, or the end of the socket -> the process exits
+
+Threads. The main thread only reads frames. A *prepare* thread checks each job and tokenises it
+(chat messages through the model's own chat template), so that a long prompt never holds up the
+decode loop. The *engine* thread owns the model:
+
+* generation is continuously batched: every sequence in flight advances one token per decode
+  step in one forward pass; a new job is prefilled and joins the batch at the next step, a
+  finished or cancelled one leaves it at once. Decoder-only models with a plain dynamic KV cache
+  share one batch (their caches are left-padded and concatenated); others (encoder-decoder
+  models, sliding-window caches) advance job by job, one step each in turn. Sampling is per
+  sequence (its own temperature, top-p, penalties, logit bias and random generator), so a
+  sequence's tokens do not depend on what else is in the batch.
+* embeddings and classification are batched dynamically: inputs that arrive within
+  ``batch_wait_ms`` of each other share a forward pass of up to ``max_batch`` inputs.
 
 Lifecycle: the parent-death signal is set first (Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``), and
 the worker exits at once if its parent already changed; SIGINT is ignored (the server handles
-Ctrl-C and kills its workers). The main thread only reads frames; the load and every generation
-run on one inference thread, which batches compatible waiting requests (greedy ones together,
-unseeded sampling ones with equal temperature/top_p together, seeded ones alone) into one
-left-padded ``generate`` call. Logs go to stderr.
+Ctrl-C and kills its workers). Logs go to stderr; messages in frames never carry paths.
 """
 
 from __future__ import annotations
@@ -36,15 +49,18 @@ from typing import Any
 
 from modelium.backends.framing import FrameError, SyncChannel
 from modelium.messages import (
-    Completion,
-    CompletionResult,
-    Generate,
-    Generated,
+    CancelJob,
+    Done,
+    Encode,
+    Encoded,
+    Failed,
+    Generation,
+    Job,
     LoadModel,
     ModelLoaded,
     Shutdown,
+    Token,
     ToWorker,
-    WorkerError,
     WorkerHello,
 )
 
@@ -52,9 +68,10 @@ log = logging.getLogger("modelium.hf_worker")
 
 CAUSAL_TASKS = ("text-generation", "chat")
 SEQ2SEQ_TASKS = ("seq2seq",)
+ENCODER_TASKS = ("embedding", "classification")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-MAX_BATCH = int(os.environ.get("MODELIUM_WORKER_MAX_BATCH", "8"))
 NO_LIMIT = 1 << 62
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing logits by it overflows)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -81,7 +98,7 @@ def set_parent_death_signal(parent: int) -> None:
 
 
 def _exit(code: int) -> None:
-    """Leave now: no atexit hooks, no waiting for the inference thread."""
+    """Leave now: no atexit hooks, no waiting for the engine thread."""
     try:
         sys.stderr.flush()
     finally:
@@ -105,12 +122,18 @@ def _import_libraries():
     """Import what every load needs, so that a spare worker has paid for it already."""
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: F401
-    from transformers.generation import StoppingCriteria  # noqa: F401
+    from transformers import (  # noqa: F401
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DynamicCache,
+    )
 
     # transformers imports lazily; these are what the first load would otherwise pay for
     # (modeling_utils alone is seconds), so a spare worker pays for them before its hello.
-    import transformers.generation.utils  # noqa: F401
     import transformers.modeling_utils  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
@@ -128,8 +151,14 @@ class LoadError(Exception):
     pass
 
 
-class BadRequest(Exception):
-    pass
+class JobError(Exception):
+    """A job cannot run; ``kind`` is an ErrorKind value, the message is fit for a client."""
+
+    def __init__(self, message: str, kind: str = "bad_request", param: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+        self.param = param
 
 
 def _rss_bytes() -> int:
@@ -208,30 +237,92 @@ def context_length(config: Any, tokenizer: Any) -> int:
     return NO_LIMIT
 
 
+def max_token_chars(tokenizer: Any) -> int:
+    """Characters of the longest vocabulary entry (0 when the vocabulary cannot be read)."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a readable vocabulary: no bound
+        return 0
+    return max((len(t) for t in vocab), default=0)
+
+
+def surely_too_long(text: str, context: int, token_chars: int) -> bool:
+    """True when ``text`` must be more than ``context`` tokens whatever its tokenisation: no
+    token covers more than ``token_chars`` characters, and whitespace (which some tokenisers
+    drop) is not counted. Costs a few passes over the string, no tokenisation."""
+    if token_chars <= 0 or context >= NO_LIMIT:
+        return False
+    if len(text) <= context * token_chars:
+        return False
+    return visible(text) > context * token_chars
+
+
+def clip_text(text: str, context: int, token_chars: int) -> str:
+    """A prefix of ``text`` that tokenises to the same first ``context`` tokens: an input that
+    will be truncated anyway is not tokenised whole (cheap passes over the string only)."""
+    if token_chars <= 0 or context >= NO_LIMIT:
+        return text
+    need = (context + 2) * token_chars  # visible characters surely past the context's last token
+    if len(text) <= need or visible(text) <= need:
+        return text
+    lo, hi = need, len(text)  # the shortest prefix with `need` visible characters
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if visible(text[:mid]) >= need:
+            hi = mid
+        else:
+            lo = mid + 1
+    return text[:lo]
+
+
+def visible(text: str) -> int:
+    return len(text) - sum(text.count(c) for c in " \t\n\r\f\v")
+
+
 @dataclass
 class Loaded:
     model: Any
     tokenizer: Any
     device: str
-    seq2seq: bool
+    task: str
     context: int
     pad_id: int
     eos_ids: list[int]
+    vocab_size: int = 0  # logits per position
+    token_chars: int = 0
+    pooling: str = ""
+    normalize: bool = False
+    labels: list[str] = field(default_factory=list)
+    multi_label: bool = False
+    dim: int = 0
+    cache_kw: str = "cache"  # what the model's forward calls its KV cache argument
+    decoder_start: int = 0
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.task in SEQ2SEQ_TASKS
+
+
+def _model_class(task: str, transformers: Any) -> Any:
+    if task in CAUSAL_TASKS:
+        return transformers.AutoModelForCausalLM
+    if task in SEQ2SEQ_TASKS:
+        return transformers.AutoModelForSeq2SeqLM
+    if task == "classification":
+        return transformers.AutoModelForSequenceClassification
+    if task == "embedding":
+        return transformers.AutoModel
+    raise LoadError(f"task {task!r} is not served by the transformers worker "
+                    f"(it serves {', '.join(CAUSAL_TASKS + SEQ2SEQ_TASKS + ENCODER_TASKS)})")
 
 
 def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, ModelLoaded]:
+    import inspect
+
     t0 = time.perf_counter()
     rss0 = _rss_bytes()
-    if msg.task in CAUSAL_TASKS:
-        model_cls, seq2seq = transformers.AutoModelForCausalLM, False
-    elif msg.task in SEQ2SEQ_TASKS:
-        model_cls, seq2seq = transformers.AutoModelForSeq2SeqLM, True
-    else:
-        raise LoadError(
-            f"task {msg.task!r} is not served by the transformers worker yet "
-            f"(it serves {', '.join(CAUSAL_TASKS + SEQ2SEQ_TASKS)})"
-        )
-    path = Path(msg.path)
+    model_cls = _model_class(msg.task, transformers)
+    path = Path(msg.path) / msg.subfolder if msg.subfolder else Path(msg.path)
     if not path.is_dir():
         raise LoadError(f"model folder not found: {msg.path}")
     device = parse_device(msg.device, torch)
@@ -254,326 +345,995 @@ def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, M
         model = model.to(device)
     model.eval()
 
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    gen = getattr(model, "generation_config", None)
+    eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     pad = tokenizer.pad_token_id
-    if pad is None:
+    if pad is None and gen is not None:
         pad = gen.pad_token_id
     if pad is None:
         pad = eos_ids[0] if eos_ids else 0
+    context = context_length(config, tokenizer)
+    if msg.task in ENCODER_TASKS:
+        if msg.max_input > 0:
+            context = min(context, msg.max_input)
+        tokenizer.padding_side = "right"  # pooling reads the last real position from the mask
+        if tokenizer.pad_token is None and eos_ids:
+            tokenizer.pad_token_id = eos_ids[0]
+    params = inspect.signature(model.forward).parameters
     state = Loaded(
-        model=model, tokenizer=tokenizer, device=device, seq2seq=seq2seq,
-        context=context_length(config, tokenizer), pad_id=int(pad), eos_ids=[int(e) for e in eos_ids],
+        model=model, tokenizer=tokenizer, device=device, task=msg.task, context=context,
+        pad_id=int(pad), eos_ids=[int(e) for e in eos_ids], token_chars=max_token_chars(tokenizer),
+        pooling=msg.pooling or "mean", normalize=msg.normalize,
+        cache_kw="cache" if "cache" in params else "past_key_values",
     )
+    if msg.task in CAUSAL_TASKS + SEQ2SEQ_TASKS:
+        out_emb = model.get_output_embeddings()
+        state.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else len(tokenizer)
+    if msg.task in SEQ2SEQ_TASKS:
+        start = getattr(gen, "decoder_start_token_id", None)
+        if start is None:
+            start = getattr(config, "decoder_start_token_id", None)
+        if start is None:
+            raise LoadError("the model's config names no decoder_start_token_id")
+        state.decoder_start = int(start)
+    if msg.task == "classification":
+        id2label = getattr(config, "id2label", None) or {}
+        n = int(getattr(config, "num_labels", 0) or len(id2label))
+        state.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+        state.multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
+        state.dim = n
+    if msg.task == "embedding":
+        state.dim = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0))
+        modes = state.pooling.split("+")
+        unknown = [m for m in modes if m not in POOLING]
+        if unknown:
+            raise LoadError(f"pooling mode {unknown[0]!r} is not supported (supported: {', '.join(POOLING)})")
+        state.dim *= len(modes)
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
         memory = torch.cuda.memory_allocated(device) - cuda0
     else:
         memory = max(0, _rss_bytes() - rss0)
-    params = sum(p.numel() for p in model.parameters())
     reply = ModelLoaded(
-        load_s=time.perf_counter() - t0, param_count=params, device=device,
-        dtype=str(model.dtype).removeprefix("torch."), memory_bytes=memory,
+        load_s=time.perf_counter() - t0, param_count=sum(p.numel() for p in model.parameters()),
+        device=device, dtype=str(model.dtype).removeprefix("torch."), memory_bytes=memory,
+        context=context if context < NO_LIMIT else 0, max_token_chars=state.token_chars,
+        labels=state.labels, dim=state.dim,
     )
     return state, reply
 
 
 # ------------------------------------------------------------------------------------------
-# generation
+# text: incremental detokenisation and stop strings (pure; no torch)
 # ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Prepared:
+class Detokenizer:
+    """Turns generated token ids into text, piece by piece, so that the pieces concatenate to
+    ``tokenizer.decode(all ids, skip_special_tokens=True)``. Uses the tokenizers library's own
+    ``DecodeStream`` for fast tokenizers; otherwise decodes a short window around the new token."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = None
+        if backend is not None:
+            try:
+                from tokenizers.decoders import DecodeStream
+
+                self._stream = DecodeStream(skip_special_tokens=True)
+                self._backend = backend
+            except ImportError:
+                self._stream = None
+        self.ids: list[int] = []
+        self.sent = 0  # characters handed out
+        self._prefix = 0
+        self._read = 0
+
+    def step(self, token: int) -> str:
+        self.ids.append(token)
+        if self._stream is not None:
+            piece = self._stream.step(self._backend, token) or ""
+        else:
+            decode = self.tokenizer.decode
+            prefix = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+            full = decode(self.ids[self._prefix:], skip_special_tokens=True)
+            piece = ""
+            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                self._prefix, self._read = self._read, len(self.ids)
+                piece = full[len(prefix):]
+        self.sent += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        """At the end: what the stream still holds back (an incomplete character, decoded as
+        the whole-sequence decode shows it)."""
+        if not self.ids:
+            return ""
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        rest = full[self.sent:] if len(full) > self.sent else ""
+        self.sent += len(rest)
+        return rest
+
+
+def scan_stops(held: str, new: str, stops: list[str]) -> tuple[str, str, bool]:
+    """Stop strings over a stream of text. ``held`` is text not sent yet because it could be the
+    start of a stop string. Returns (text to send now, text to hold, stopped): on a stop string
+    the text before it is sent and the rest dropped."""
+    text = held + new
+    if not stops:
+        return text, "", False
+    cut = min((p for p in (text.find(s) for s in stops) if p >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return (text[:-hold], text[-hold:], False) if hold else (text, "", False)
+
+
+# ------------------------------------------------------------------------------------------
+# jobs, sequences and sampling
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Work:
+    """One job in the worker, from its frame to its last answer."""
+
     id: int
-    request: Completion
-    ids: list[int]
-    limit: int  # new tokens this request may take
-    stops: list[str] = field(default_factory=list)
+    request: Any
+    arrived: float  # time.perf_counter() when its frame was read
+    ids: list[int] = field(default_factory=list)  # generation: the prompt's tokens
+    texts: list[str] = field(default_factory=list)  # encoders: the inputs, clipped
+    echo: str = ""  # generation with echo: the prompt's text
+    rows: list[Row] = field(default_factory=list)
+    remaining: int = 0  # rows not finished yet
+    cancelled: bool = False
+    ended: bool = False
 
 
-GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing logits by it overflows)
+@dataclass(eq=False)
+class Row:
+    """One sequence being generated (choice ``index`` of its job)."""
+
+    work: Work
+    index: int
+    limit: int  # new tokens it may take
+    greedy: bool
+    temperature: float
+    top_p: float
+    stops: list[str]
+    detok: Detokenizer
+    generator: Any = None  # torch.Generator (sampled rows)
+    presence: float = 0.0
+    frequency: float = 0.0
+    bias: Any = None  # dense logit bias (a tensor) or None
+    counts: Any = None  # dense counts of generated tokens (penalties) or None
+    last: int = 0  # the token to feed next
+    pos: int = 0  # its position
+    produced: int = 0
+    unsent: int = 0  # tokens produced since the last frame
+    held: str = ""
+    finish: str = ""
 
 
-def is_greedy(req: Completion) -> bool:
-    return req.temperature < GREEDY_BELOW
-
-
-def batch_key(req: Completion, id: int) -> tuple:
-    """Requests with equal keys may share one ``generate`` call."""
-    if is_greedy(req):
-        return ("greedy",)
-    if req.seed is not None:
-        return ("seeded", id)  # alone: its seed alone decides its tokens
-    return ("sample", req.temperature, req.top_p)
-
-
-def prepare(state: Loaded, msg: Generate) -> Prepared:
-    req = msg.request
-    if not req.prompt:
-        raise BadRequest("the prompt is empty")
-    if req.max_tokens < 1:
-        raise BadRequest(f"max_tokens must be at least 1 (got {req.max_tokens})")
+def validate_generation(req: Generation, state: Loaded) -> None:
+    """Checks only the worker can make (the API checked the ranges already)."""
+    if req.n < 1:
+        raise JobError(f"n must be at least 1 (got {req.n})", param="n")
+    if req.max_tokens < 0:
+        raise JobError(f"max_tokens must be at least 1 (got {req.max_tokens})", param="max_tokens")
     if not (req.temperature >= 0 and math.isfinite(req.temperature)):
-        raise BadRequest(f"temperature must be a finite number >= 0 (got {req.temperature})")
+        raise JobError(f"temperature must be a finite number >= 0 (got {req.temperature})", param="temperature")
     if not (0 < req.top_p <= 1):
-        raise BadRequest(f"top_p must be in (0, 1] (got {req.top_p})")
-    ids = list(state.tokenizer(req.prompt)["input_ids"])
+        raise JobError(f"top_p must be in (0, 1] (got {req.top_p})", param="top_p")
+    for t in req.logit_bias:
+        if not 0 <= t < state.vocab_size:
+            raise JobError(f"logit_bias names token {t}, outside the model's vocabulary of "
+                           f"{state.vocab_size} tokens", param="logit_bias")
+    for t in req.prompt_ids:
+        if not 0 <= t < state.vocab_size:
+            raise JobError(f"the prompt holds token {t}, outside the model's vocabulary of "
+                           f"{state.vocab_size} tokens", param="prompt")
+
+
+def tokenize_generation(req: Generation, state: Loaded) -> tuple[list[int], str]:
+    """The prompt's token ids (and its text, for echo)."""
+    tok = state.tokenizer
+    if req.messages:
+        if not getattr(tok, "chat_template", None):
+            raise JobError("this model has no chat template; use /v1/completions", kind="wrong_task",
+                           param="messages")
+        content = "".join(m.content for m in req.messages)
+        if surely_too_long(content, state.context, state.token_chars):
+            raise JobError(f"the messages hold {len(content)} characters, more than the model's context of "
+                           f"{state.context} tokens can take", kind="too_large", param="messages")
+        msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+        try:
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template that refuses these messages (roles out of order...)
+            raise JobError(f"the model's chat template refused the messages: {e}", param="messages") from None
+        return list(tok(text, add_special_tokens=False)["input_ids"]), text
+    if req.prompt_ids:
+        return list(req.prompt_ids), (tok.decode(req.prompt_ids, skip_special_tokens=False) if req.echo else "")
+    if not req.prompt:
+        raise JobError("the prompt is empty", param="prompt")
+    if surely_too_long(req.prompt, state.context, state.token_chars):
+        raise JobError(f"the prompt ({len(req.prompt)} characters) is longer than the model's context of "
+                       f"{state.context} tokens", kind="too_large", param="prompt")
+    return list(tok(req.prompt)["input_ids"]), req.prompt
+
+
+def prepare_generation(work: Work, state: Loaded) -> None:
+    req: Generation = work.request
+    validate_generation(req, state)
+    ids, text = tokenize_generation(req, state)
     if not ids:
-        raise BadRequest("the prompt has no tokens")
+        raise JobError("the prompt has no tokens", param="prompt")
     n = len(ids)
     if state.seq2seq:
         if n > state.context:
-            raise BadRequest(f"the prompt is {n} tokens; the model's context is {state.context} tokens")
-        limit = min(req.max_tokens, state.context)
+            raise JobError(f"the prompt is {n} tokens; the model's context is {state.context} tokens",
+                           kind="too_large", param="prompt")
+        room = state.context if state.context < NO_LIMIT else 512
     else:
         if n >= state.context:
-            raise BadRequest(
-                f"the prompt is {n} tokens; the model's context is {state.context} tokens, "
-                "which leaves no room for a completion"
-            )
-        limit = min(req.max_tokens, state.context - n)
-    return Prepared(id=msg.id, request=req, ids=ids, limit=limit, stops=[s for s in req.stop if s])
+            raise JobError(f"the prompt is {n} tokens; the model's context is {state.context} tokens, "
+                           "which leaves no room for a completion", kind="too_large", param="prompt")
+        room = state.context - n
+    limit = min(req.max_tokens, room) if req.max_tokens else room
+    work.ids = ids
+    work.echo = text if req.echo else ""
+    stops = [s for s in req.stop if s]
+    work.rows = [Row(work=work, index=i, limit=limit, greedy=req.temperature < GREEDY_BELOW,
+                     temperature=req.temperature, top_p=req.top_p, stops=stops,
+                     detok=Detokenizer(state.tokenizer), presence=req.presence_penalty,
+                     frequency=req.frequency_penalty) for i in range(req.n)]
+    work.remaining = len(work.rows)
 
 
-def _make_stopper(torch: Any, StoppingCriteria: type, state: Loaded, rows: list[Prepared], start: int):
-    """Per-row stopping: each row's own token limit and its own stop strings."""
-
-    class RowStops(StoppingCriteria):
-        def __init__(self):
-            self.start = start
-            self.limits = None
-            self.stop_at: dict[int, int] = {}  # row -> generated tokens when a stop string appeared
-            self.check = [i for i, r in enumerate(rows) if r.stops]
-            self.windows = {
-                i: 2 * max(len(s.encode()) for s in rows[i].stops) + 8 for i in self.check
-            }
-
-        def __call__(self, input_ids, scores, **kwargs):
-            k = input_ids.shape[1] - self.start  # tokens generated so far (all rows alike)
-            if self.limits is None:
-                self.limits = torch.tensor([r.limit for r in rows], device=input_ids.device)
-            done = self.limits <= k
-            hits = []
-            for i in self.check:
-                if i in self.stop_at:
-                    hits.append(i)
-                    continue
-                tail = input_ids[i, max(self.start, input_ids.shape[1] - self.windows[i]):].tolist()
-                text = state.tokenizer.decode(tail, skip_special_tokens=True)
-                if any(s in text for s in rows[i].stops):
-                    self.stop_at[i] = k
-                    hits.append(i)
-            if hits:
-                done = done.clone()
-                done[hits] = True
-            return done
-
-    return RowStops()
+def prepare_encode(work: Work, state: Loaded) -> None:
+    req: Encode = work.request
+    if not req.texts and not req.ids:
+        raise JobError("the input is empty", param="input")
+    for i, t in enumerate(req.texts):
+        if not isinstance(t, str) or not t:
+            raise JobError(f"input {i} is empty", param="input")
+    work.texts = [clip_text(t, state.context, state.token_chars) for t in req.texts]
+    for i, seq in enumerate(req.ids):
+        if not seq:
+            raise JobError(f"input {i} has no tokens", param="input")
+        if len(seq) > state.context:
+            raise JobError(f"input {i} is {len(seq)} tokens; the model takes at most {state.context}",
+                           kind="too_large", param="input")
+        if any(not 0 <= t < len(state.tokenizer) for t in seq):
+            raise JobError(f"input {i} holds a token outside the model's vocabulary", param="input")
 
 
-def finish_row(state: Loaded, row: Prepared, gen: list[int], stop_at: int | None) -> CompletionResult:
-    """The row's result from its generated tokens (pad-filled after it finished)."""
-    n = min(row.limit, len(gen), stop_at if stop_at is not None else NO_LIMIT)
-    eos = set(state.eos_ids)
-    for j in range(n):
-        if gen[j] in eos:
-            n = j + 1
-            break
-    tokens = gen[:n]
-    hit_eos = bool(tokens) and tokens[-1] in eos
-    text = state.tokenizer.decode(tokens[:-1] if hit_eos else tokens, skip_special_tokens=True)
-    cut = min((p for p in (text.find(s) for s in row.stops) if p >= 0), default=-1)
-    if cut >= 0:
-        text, reason = text[:cut], "stop"
-    else:
-        reason = "stop" if hit_eos else "length"
-    return CompletionResult(text=text, prompt_tokens=len(row.ids), completion_tokens=n, finish_reason=reason)
+class Sampler:
+    """Picks each row's next token from its logits. Every sampled row draws from its own
+    generator (seeded from the request's seed, or at random), so a row's tokens are a function
+    of its own logits only, whatever else shares its batch."""
 
+    def __init__(self, torch: Any, state: Loaded):
+        self.torch = torch
+        self.state = state
 
-def run_generate(state: Loaded, rows: list[Prepared], torch: Any, transformers: Any) -> list[CompletionResult]:
-    """One ``generate`` call for compatible rows; results in row order."""
-    from transformers.generation import StoppingCriteria, StoppingCriteriaList
+    def setup(self, row: Row, seed: int | None, bias: dict[int, float]) -> None:
+        torch = self.torch
+        dev = self.state.model.device
+        if not row.greedy:
+            g = torch.Generator(device=dev)
+            g.manual_seed(seed + row.index if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+            row.generator = g
+        if bias:
+            b = torch.zeros(self.state.vocab_size, device=dev)
+            for t, v in bias.items():
+                b[int(t)] = float(v)
+            row.bias = b
+        if row.presence or row.frequency:
+            row.counts = torch.zeros(self.state.vocab_size, device=dev)
 
-    model = state.model
-    width = max(len(r.ids) for r in rows)
-    input_ids, mask = [], []
-    for r in rows:
-        pad = [state.pad_id] * (width - len(r.ids))
-        zeros, ones = [0] * len(pad), [1] * len(r.ids)
-        if state.seq2seq:  # the encoder reads right-padded input
-            input_ids.append(r.ids + pad)
-            mask.append(ones + zeros)
-        else:  # a decoder continues from the last column: pad on the left
-            input_ids.append(pad + r.ids)
-            mask.append(zeros + ones)
-    dev = model.device
-    input_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-    mask_t = torch.tensor(mask, dtype=torch.long, device=dev)
-    start = 1 if state.seq2seq else width  # seq2seq outputs begin with the decoder start token
-    stopper = _make_stopper(torch, StoppingCriteria, state, rows, start)
-
-    req = rows[0].request
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=max(r.limit for r in rows),
-        pad_token_id=state.pad_id,
-        stopping_criteria=StoppingCriteriaList([stopper]),
-    )
-    if state.eos_ids:
-        kwargs["eos_token_id"] = state.eos_ids
-    seeded = False
-    if is_greedy(req):
-        kwargs.update(do_sample=False)
-    else:  # plain temperature + nucleus sampling (top_k=0 turns off transformers' default top-k 50)
-        kwargs.update(do_sample=True, temperature=req.temperature, top_p=req.top_p, top_k=0)
-        if req.seed is not None:
-            torch.manual_seed(req.seed)  # seeds CPU and every CUDA device
-            seeded = True
-    try:
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_t, attention_mask=mask_t, **kwargs)
-    finally:
-        if seeded:
-            torch.seed()  # later unseeded requests must not replay this seed's stream
-    out = out[:, start:].tolist()
-    return [finish_row(state, r, out[i], stopper.stop_at.get(i)) for i, r in enumerate(rows)]
+    def pick(self, logits: Any, rows: list[Row]) -> list[int]:
+        """Next token for each row (``logits``: [rows, vocab])."""
+        torch = self.torch
+        logits = logits.float()
+        adjust = [i for i, r in enumerate(rows) if r.bias is not None or r.counts is not None]
+        if adjust:
+            logits = logits.clone()
+            for i in adjust:
+                r = rows[i]
+                if r.counts is not None:
+                    logits[i] -= r.presence * (r.counts > 0).float() + r.frequency * r.counts
+                if r.bias is not None:
+                    logits[i] += r.bias
+        out = [0] * len(rows)
+        greedy = [i for i, r in enumerate(rows) if r.greedy]
+        if greedy:
+            best = (logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1).tolist()
+            for i, t in zip(greedy, best):
+                out[i] = t
+        sampled = [i for i, r in enumerate(rows) if not r.greedy]
+        if sampled:
+            sub = logits[sampled]
+            temps = torch.tensor([rows[i].temperature for i in sampled], device=sub.device).unsqueeze(-1)
+            sub = sub / temps
+            top_p = [rows[i].top_p for i in sampled]
+            if any(p < 1.0 for p in top_p):
+                p = torch.tensor(top_p, device=sub.device).unsqueeze(-1)
+                sorted_logits, order = torch.sort(sub, descending=False, dim=-1)
+                cum = sorted_logits.softmax(-1).cumsum(-1)
+                drop = cum <= (1 - p)
+                drop[..., -1:] = False  # the most likely token always stays
+                sub = sub.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+            probs = sub.softmax(-1)
+            for j, i in enumerate(sampled):
+                out[i] = int(torch.multinomial(probs[j], 1, generator=rows[i].generator))
+        for i, r in enumerate(rows):
+            if r.counts is not None:
+                r.counts[out[i]] += 1
+        return out
 
 
 # ------------------------------------------------------------------------------------------
-# the inference thread
+# cohorts: sequences that advance together
 # ------------------------------------------------------------------------------------------
+
+
+class Cohort:
+    """Rows whose next tokens come from one forward pass."""
+
+    rows: list[Row]
+    mergeable = False
+
+    def step(self) -> Any:  # logits [rows, vocab]
+        raise NotImplementedError
+
+    def drop(self, gone: list[int]) -> None:
+        """Forget the rows at these indices (finished or cancelled)."""
+        raise NotImplementedError
+
+
+class DecoderCohort(Cohort):
+    """Decoder-only rows with a shared KV cache. With plain dynamic cache layers it is
+    ``mergeable``: another cohort's rows join by left-padding both caches to one length."""
+
+    def __init__(self, engine: GenEngine, cache: Any, mask: Any, rows: list[Row]):
+        self.e = engine
+        self.cache = cache
+        self.mask = mask  # [rows, cache length]: 1 for real positions, 0 for padding
+        self.rows = rows
+        layers = getattr(cache, "layers", None)
+        self.mergeable = bool(layers) and all(type(layer) is engine.dynamic_layer for layer in layers)
+
+    @classmethod
+    def prefill(cls, engine: GenEngine, work: Work) -> tuple[DecoderCohort, Any]:
+        torch = engine.torch
+        dev = engine.state.model.device
+        n = len(work.ids)
+        ids = torch.tensor([work.ids], device=dev)
+        cache = engine.new_cache()
+        out = engine.forward(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             position_ids=torch.arange(n, device=dev).unsqueeze(0), cache=cache,
+                             logits_to_keep=1)
+        logits = out.logits[:, -1, :]
+        k = len(work.rows)
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+            logits = logits.expand(k, -1)
+        for r in work.rows:
+            r.pos = n
+        return cls(engine, cache, torch.ones((k, n), dtype=torch.long, device=dev), list(work.rows)), logits
+
+    def step(self) -> Any:
+        torch = self.e.torch
+        dev = self.mask.device
+        b = len(self.rows)
+        self.mask = torch.cat([self.mask, torch.ones((b, 1), dtype=self.mask.dtype, device=dev)], dim=1)
+        ids = torch.tensor([[r.last] for r in self.rows], device=dev)
+        pos = torch.tensor([[r.pos] for r in self.rows], device=dev)
+        out = self.e.forward(input_ids=ids, attention_mask=self.mask, position_ids=pos, cache=self.cache)
+        for r in self.rows:
+            r.pos += 1
+        return out.logits[:, -1, :]
+
+    def merge(self, other: DecoderCohort) -> None:
+        torch = self.e.torch
+        pad = torch.nn.functional.pad
+        la, lb = self.mask.shape[1], other.mask.shape[1]
+        length = max(la, lb)
+        for a, b in zip(self.cache.layers, other.cache.layers):
+            a.keys = torch.cat([pad(a.keys, (0, 0, length - la, 0)), pad(b.keys, (0, 0, length - lb, 0))])
+            a.values = torch.cat([pad(a.values, (0, 0, length - la, 0)), pad(b.values, (0, 0, length - lb, 0))])
+        self.mask = torch.cat([pad(self.mask, (length - la, 0)), pad(other.mask, (length - lb, 0))])
+        self.rows += other.rows
+
+    def drop(self, gone: list[int]) -> None:
+        if not self.mergeable:
+            return  # rows stay (their output is ignored) until the whole cohort is done
+        torch = self.e.torch
+        keep = [i for i in range(len(self.rows)) if i not in set(gone)]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask = self.mask[idx]
+        used = self.mask.any(dim=0)
+        first = int(used.nonzero()[0]) if bool(used.any()) else 0
+        if first:  # columns that are padding in every remaining row
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+
+class Seq2SeqCohort(Cohort):
+    """The choices of one encoder-decoder job: the encoder runs once, the decoder steps."""
+
+    def __init__(self, engine: GenEngine, encoder_out: Any, enc_mask: Any, rows: list[Row]):
+        self.e = engine
+        self.encoder_out = encoder_out
+        self.enc_mask = enc_mask
+        self.rows = rows
+        self.cache = None
+
+    @classmethod
+    def prefill(cls, engine: GenEngine, work: Work) -> tuple[Seq2SeqCohort, Any]:
+        torch = engine.torch
+        dev = engine.state.model.device
+        ids = torch.tensor([work.ids], device=dev)
+        mask = torch.ones_like(ids)
+        enc = engine.state.model.get_encoder()(input_ids=ids, attention_mask=mask)
+        k = len(work.rows)
+        if k > 1:
+            enc.last_hidden_state = enc.last_hidden_state.repeat_interleave(k, dim=0)
+            mask = mask.repeat_interleave(k, dim=0)
+        for r in work.rows:
+            r.last = engine.state.decoder_start
+        cohort = cls(engine, enc, mask, list(work.rows))
+        return cohort, cohort.step()
+
+    def step(self) -> Any:
+        torch = self.e.torch
+        ids = torch.tensor([[r.last] for r in self.rows], device=self.enc_mask.device)
+        kwargs = {self.e.state.cache_kw: self.cache} if self.cache is not None else {}
+        out = self.e.state.model(encoder_outputs=self.encoder_out, attention_mask=self.enc_mask,
+                                 decoder_input_ids=ids, use_cache=True, **kwargs)
+        self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1, :]
+
+    def drop(self, gone: list[int]) -> None:
+        return  # the job's rows stay until all are done
+
+
+# ------------------------------------------------------------------------------------------
+# engines
+# ------------------------------------------------------------------------------------------
+
+
+class Outbox:
+    """Frames to send, written to the socket in one go per engine iteration."""
+
+    def __init__(self, chan: SyncChannel):
+        self.chan = chan
+        self.frames: list[Any] = []
+
+    def put(self, frame: Any) -> None:
+        self.frames.append(frame)
+
+    def flush(self) -> None:
+        if not self.frames:
+            return
+        frames, self.frames = self.frames, []
+        try:
+            self.chan.send_many(frames)
+        except OSError as e:  # the server is gone: the main thread sees EOF and exits
+            log.warning("cannot send %d frame(s): %s", len(frames), e)
 
 
 class Engine:
-    """Runs loads and generations on one thread, batching compatible waiting requests."""
+    """Base: a thread that owns the model; jobs arrive prepared through :meth:`add`."""
 
-    def __init__(self, chan: SyncChannel, torch: Any, transformers: Any, max_batch: int = MAX_BATCH):
+    def __init__(self, torch: Any, state: Loaded, out: Outbox, max_batch: int):
+        self.torch = torch
+        self.state = state
+        self.out = out
+        self.max_batch = max(1, max_batch)
+        self.cv = threading.Condition()
+        self.pending: collections.deque[Work] = collections.deque()
+        self.poke = False  # a cancel arrived: look at the jobs now
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def add(self, work: Work) -> None:
+        with self.cv:
+            self.pending.append(work)
+            self.cv.notify()
+
+    def wake(self) -> None:
+        with self.cv:
+            self.poke = True
+            self.cv.notify()
+
+    def _run(self) -> None:
+        with self.torch.inference_mode():
+            while True:
+                try:
+                    self.loop_once()
+                except BaseException:  # never let the thread die silently
+                    log.exception("engine error")
+                    self.fail_all("internal error in the worker (see the server log)")
+                finally:
+                    self.out.flush()
+
+    def loop_once(self) -> None:
+        raise NotImplementedError
+
+    def fail_all(self, message: str) -> None:
+        raise NotImplementedError
+
+    def end(self, work: Work, frame: Any) -> None:
+        if not work.ended:
+            work.ended = True
+            self.out.put(frame)
+            JOBS.pop(work.id, None)
+
+
+class GenEngine(Engine):
+    """Continuous batching for generation (decoder-only and encoder-decoder models)."""
+
+    def __init__(self, torch: Any, transformers: Any, state: Loaded, out: Outbox, max_batch: int):
+        super().__init__(torch, state, out, max_batch)
+        from transformers.cache_utils import DynamicLayer
+
+        self.dynamic_layer = DynamicLayer
+        self.DynamicCache = transformers.DynamicCache
+        self.sampler = Sampler(torch, state)
+        self.cohorts: list[Cohort] = []
+        self.steps = 0
+
+    def new_cache(self) -> Any:
+        try:
+            return self.DynamicCache(config=self.state.model.config)
+        except TypeError:  # older transformers
+            return self.DynamicCache()
+
+    def forward(self, *, cache: Any, logits_to_keep: int | None = None, **kwargs: Any) -> Any:
+        kwargs[self.state.cache_kw] = cache
+        if logits_to_keep is not None:
+            kwargs["logits_to_keep"] = logits_to_keep
+        try:
+            return self.state.model(use_cache=True, **kwargs)
+        except TypeError:
+            if "logits_to_keep" not in kwargs:
+                raise
+            kwargs.pop("logits_to_keep")  # a model without it: full logits
+            return self.state.model(use_cache=True, **kwargs)
+
+    @property
+    def active(self) -> int:
+        return sum(len(c.rows) for c in self.cohorts)
+
+    def loop_once(self) -> None:
+        with self.cv:
+            while not self.pending and not self.cohorts and not self.poke:
+                self.cv.wait()
+            self.poke = False
+            incoming: list[Work] = []
+            room = self.max_batch - self.active
+            while self.pending and (room >= len(self.pending[0].rows) or not (self.cohorts or incoming)):
+                w = self.pending.popleft()
+                incoming.append(w)
+                room -= len(w.rows)
+            waiting = list(self.pending)
+        for w in waiting:  # cancelled while waiting for room
+            if w.cancelled:
+                with self.cv:
+                    if w in self.pending:
+                        self.pending.remove(w)
+                self.end(w, Done(id=w.id, prompt_tokens=len(w.ids), completion_tokens=0,
+                                 service_s=time.perf_counter() - w.arrived, cancelled=True))
+        self._cancel_rows()
+        for w in incoming:
+            if w.cancelled:
+                self.end(w, Done(id=w.id, prompt_tokens=len(w.ids), completion_tokens=0,
+                                 service_s=time.perf_counter() - w.arrived, cancelled=True))
+                continue
+            self._admit(w)
+        self.out.flush()
+        if self.cohorts:
+            self._step()
+
+    def _admit(self, w: Work) -> None:
+        req: Generation = w.request
+        for r in w.rows:
+            self.sampler.setup(r, req.seed, req.logit_bias)
+        if w.echo:
+            for r in w.rows:
+                self.out.put(Token(id=w.id, index=r.index, text=w.echo))
+        try:
+            if self.state.seq2seq:
+                cohort, logits = Seq2SeqCohort.prefill(self, w)
+            else:
+                cohort, logits = DecoderCohort.prefill(self, w)
+        except Exception as e:
+            log.exception("job %d: prefill failed", w.id)
+            self._free_cuda()
+            self.end(w, Failed(id=w.id, kind="internal", message=f"the model failed on this prompt ({type(e).__name__})"))
+            return
+        self._advance(cohort, logits)
+        if not cohort.rows or all(r.finish for r in cohort.rows):
+            return
+        main = next((c for c in self.cohorts if c.mergeable), None)
+        if cohort.mergeable and main is not None:
+            main.merge(cohort)
+        else:
+            self.cohorts.append(cohort)
+
+    def _step(self) -> None:
+        for cohort in list(self.cohorts):
+            try:
+                logits = cohort.step()
+            except Exception as e:
+                log.exception("decode step failed")
+                self._free_cuda()
+                for w in {r.work for r in cohort.rows}:
+                    self.end(w, Failed(id=w.id, kind="internal",
+                                       message=f"the model failed while generating ({type(e).__name__})"))
+                self.cohorts.remove(cohort)
+                continue
+            self._advance(cohort, logits)
+        self.steps += 1
+
+    def _advance(self, cohort: Cohort, logits: Any) -> None:
+        """Sample one token for every live row of ``cohort``, emit text, retire what ended."""
+        live = [i for i, r in enumerate(cohort.rows) if not r.finish]
+        rows = [cohort.rows[i] for i in live]
+        if rows:
+            tokens = self.sampler.pick(logits if len(live) == len(cohort.rows) else logits[live], rows)
+            eos = self.state.eos_ids
+            for r, t in zip(rows, tokens):
+                r.last = t
+                r.produced += 1
+                r.unsent += 1
+                if t in eos:  # not part of the text
+                    piece, final = r.detok.flush(), "stop"
+                else:
+                    piece = r.detok.step(t)
+                    final = "length" if r.produced >= r.limit else ""
+                    if final:
+                        piece += r.detok.flush()
+                text, r.held, stopped = scan_stops(r.held, piece, r.stops)
+                if stopped:
+                    self._emit(r, text, "stop")
+                elif final:
+                    self._emit(r, text + r.held, final)
+                elif text:
+                    self._emit(r, text, "")
+        self._retire(cohort)
+
+    def _emit(self, r: Row, text: str, finish: str) -> None:
+        self.out.put(Token(id=r.work.id, index=r.index, text=text, tokens=r.unsent, finish=finish))
+        r.unsent = 0
+        if finish:
+            self._row_done(r, finish)
+
+    def _cancel(self, r: Row) -> None:
+        self._emit(r, "", "cancelled")
+
+    def _row_done(self, r: Row, finish: str) -> None:
+        r.finish = finish
+        w = r.work
+        w.remaining -= 1
+        if w.remaining == 0:
+            self.end(w, Done(id=w.id, prompt_tokens=len(w.ids), completion_tokens=sum(x.produced for x in w.rows),
+                             service_s=time.perf_counter() - w.arrived, cancelled=w.cancelled))
+
+    def _retire(self, cohort: Cohort) -> None:
+        gone = [i for i, r in enumerate(cohort.rows) if r.finish]
+        if len(gone) == len(cohort.rows):
+            if cohort in self.cohorts:
+                self.cohorts.remove(cohort)
+            cohort.rows = []
+        elif gone and cohort.mergeable:
+            cohort.drop(gone)
+
+    def _cancel_rows(self) -> None:
+        for cohort in list(self.cohorts):
+            hit = False
+            for r in cohort.rows:
+                if r.work.cancelled and not r.finish:
+                    self._cancel(r)
+                    hit = True
+            if hit:
+                self._retire(cohort)
+
+    def fail_all(self, message: str) -> None:
+        works = {r.work for c in self.cohorts for r in c.rows}
+        self.cohorts = []
+        for w in works:
+            self.end(w, Failed(id=w.id, kind="internal", message=message))
+        self._free_cuda()
+
+    def _free_cuda(self) -> None:
+        try:
+            if self.state.device.startswith("cuda"):
+                self.torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+
+POOLING = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
+
+
+def pool(torch: Any, hidden: Any, mask: Any, modes: list[str]) -> Any:
+    """sentence-transformers' pooling of token states ``hidden`` [B, L, H] under ``mask`` [B, L]
+    (several modes are concatenated in sentence-transformers' order)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    parts = []
+    for mode in POOLING:
+        if mode not in modes:
+            continue
+        if mode == "cls":
+            parts.append(hidden[:, 0])
+        elif mode == "max":
+            parts.append(hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values)
+        elif mode in ("mean", "mean_sqrt_len"):
+            total = (hidden * m).sum(dim=1)
+            count = m.sum(dim=1).clamp(min=1e-9)
+            parts.append(total / count if mode == "mean" else total / count.sqrt())
+        elif mode == "weightedmean":
+            w = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype)
+            w = w.view(1, -1, 1) * m
+            parts.append((hidden * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-9))
+        elif mode == "lasttoken":
+            last = mask.sum(dim=1) - 1  # right padding: the last real position
+            parts.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), last.clamp(min=0)])
+    return torch.cat(parts, dim=-1)
+
+
+class EncodeEngine(Engine):
+    """Dynamic batching for embedding and classification models."""
+
+    def __init__(self, torch: Any, state: Loaded, out: Outbox, max_batch: int, wait_ms: float):
+        super().__init__(torch, state, out, max_batch)
+        self.wait_s = max(0.0, wait_ms) / 1000.0
+        self.batches = 0
+
+    def loop_once(self) -> None:
+        with self.cv:
+            while not self.pending:
+                self.cv.wait()
+            deadline = time.perf_counter() + self.wait_s
+            while self._inputs() < self.max_batch:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            batch: list[Work] = []
+            size = 0
+            while self.pending and (size + _count(self.pending[0]) <= self.max_batch or not batch):
+                w = self.pending.popleft()
+                batch.append(w)
+                size += _count(w)
+            self.poke = False
+        batch = [w for w in batch if not w.ended]
+        for w in batch:
+            if w.cancelled:
+                self.end(w, Failed(id=w.id, kind="cancelled", message="cancelled"))
+        batch = [w for w in batch if not w.ended]
+        if not batch:
+            return
+        try:
+            self._run_batch(batch)
+        except Exception as e:
+            log.exception("encoder batch of %d job(s) failed", len(batch))
+            for w in batch:
+                self.end(w, Failed(id=w.id, kind="internal",
+                                   message=f"the model failed on this input ({type(e).__name__})"))
+
+    def _inputs(self) -> int:
+        return sum(_count(w) for w in self.pending)
+
+    def _run_batch(self, batch: list[Work]) -> None:
+        torch = self.torch
+        st = self.state
+        tok = st.tokenizer
+        dev = st.model.device
+        texts = [t for w in batch for t in w.texts]
+        seqs = [list(s) for w in batch for s in w.request.ids]
+        outs, counts = [], []
+        for i in range(0, len(texts), self.max_batch):
+            enc = tok(texts[i:i + self.max_batch], padding=True, truncation=True,
+                      max_length=st.context if st.context < NO_LIMIT else None, return_tensors="pt")
+            outs.append(self._forward(enc["input_ids"].to(dev), enc["attention_mask"].to(dev),
+                                      enc.get("token_type_ids")))
+            counts += enc["attention_mask"].sum(dim=1).tolist()
+        for i in range(0, len(seqs), self.max_batch):
+            chunk = seqs[i:i + self.max_batch]
+            width = max(len(s) for s in chunk)
+            ids = torch.tensor([s + [st.pad_id] * (width - len(s)) for s in chunk], device=dev)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=dev)
+            outs.append(self._forward(ids, mask, None))
+            counts += [len(s) for s in chunk]
+        result = torch.cat(outs).float().cpu()
+        self.batches += 1
+        log.debug("encoder batch of %d input(s) from %d job(s)", result.shape[0], len(batch))
+        # texts first, then id sequences, job after job: hand each job its rows
+        order = [(w, "t", i) for w in batch for i in range(len(w.request.texts))]
+        order += [(w, "i", i) for w in batch for i in range(len(w.request.ids))]
+        rows: dict[int, list[int]] = {}
+        for k, (w, _, _) in enumerate(order):
+            rows.setdefault(w.id, []).append(k)
+        now = time.perf_counter()
+        for w in batch:
+            idx = rows[w.id]
+            vecs = result[idx]
+            used = int(sum(counts[k] for k in idx))
+            if st.task == "classification":
+                probs = vecs.sigmoid() if st.multi_label else vecs.softmax(-1)
+                plist = probs.tolist()
+                labels = [st.labels[int(p.argmax())] for p in probs]
+                self.end(w, Encoded(id=w.id, count=len(idx), dim=probs.shape[1], probs=plist, labels=labels,
+                                    prompt_tokens=used, service_s=now - w.arrived))
+            else:
+                self.end(w, Encoded(id=w.id, count=len(idx), dim=vecs.shape[1],
+                                    data=vecs.contiguous().numpy().astype("<f4").tobytes(),
+                                    prompt_tokens=used, service_s=now - w.arrived))
+
+    def _forward(self, ids: Any, mask: Any, token_types: Any) -> Any:
+        st = self.state
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if token_types is not None:
+            kwargs["token_type_ids"] = token_types.to(ids.device)
+        out = st.model(**kwargs)
+        if st.task == "classification":
+            return out.logits
+        hidden = out.last_hidden_state
+        vec = pool(self.torch, hidden, mask, st.pooling.split("+"))
+        if st.normalize:
+            vec = self.torch.nn.functional.normalize(vec.float(), p=2, dim=1)
+        return vec
+
+    def fail_all(self, message: str) -> None:
+        with self.cv:
+            works, self.pending = list(self.pending), collections.deque()
+        for w in works:
+            self.end(w, Failed(id=w.id, kind="internal", message=message))
+
+
+def _count(w: Work) -> int:
+    return len(w.request.texts) + len(w.request.ids)
+
+
+# ------------------------------------------------------------------------------------------
+# the worker: frames in, jobs prepared, engine
+# ------------------------------------------------------------------------------------------
+
+JOBS: dict[int, Work] = {}  # jobs not ended, by id (the main thread adds, whoever ends removes)
+
+
+class Worker:
+    def __init__(self, chan: SyncChannel, torch: Any, transformers: Any):
         self.chan = chan
         self.torch = torch
         self.transformers = transformers
-        self.max_batch = max(1, max_batch)
+        self.out = Outbox(chan)  # used by the engine thread only
         self.state: Loaded | None = None
+        self.engine: Engine | None = None
         self.loading = False
-        self._queue: collections.deque[LoadModel | Generate] = collections.deque()
+        self._prep: collections.deque[Any] = collections.deque()
         self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread = threading.Thread(target=self._prepare_loop, name="prepare", daemon=True)
         self._thread.start()
 
-    def submit(self, msg: LoadModel | Generate) -> None:
+    def _send(self, frame: Any) -> None:
+        try:
+            self.chan.send(frame)
+        except OSError as e:
+            log.warning("cannot send %s: %s", type(frame).__name__, e)
+
+    # main thread ------------------------------------------------------------------------------
+
+    def on_frame(self, msg: Any) -> None:
+        if isinstance(msg, Job):
+            if msg.id in JOBS:
+                self._send(Failed(id=msg.id, kind="internal", message=f"job id {msg.id} is in use"))
+                return
+            work = Work(id=msg.id, request=msg.request, arrived=time.perf_counter())
+            JOBS[msg.id] = work
+            self._queue(work)
+        elif isinstance(msg, CancelJob):
+            work = JOBS.get(msg.id)
+            if work is not None:
+                work.cancelled = True
+                if self.engine is not None:
+                    self.engine.wake()
+        elif isinstance(msg, LoadModel):
+            self._queue(msg)
+
+    def _queue(self, item: Any) -> None:
         with self._cv:
-            self._queue.append(msg)
+            self._prep.append(item)
             self._cv.notify()
 
-    def _reply(self, msg: Any) -> None:
-        try:
-            self.chan.send(msg)
-        except OSError as e:  # the server is gone: the main thread sees EOF and exits
-            log.warning("cannot send %s: %s", type(msg).__name__, e)
+    # prepare thread ---------------------------------------------------------------------------
 
-    def _take(self) -> LoadModel | list[Generate]:
-        with self._cv:
-            while not self._queue:
-                self._cv.wait()
-            first = self._queue.popleft()
-            if isinstance(first, LoadModel):
-                return first
-            key = batch_key(first.request, first.id)
-            batch = [first]
-            if key[0] != "seeded":
-                rest: collections.deque = collections.deque()
-                while self._queue and len(batch) < self.max_batch:
-                    m = self._queue.popleft()
-                    if isinstance(m, Generate) and batch_key(m.request, m.id) == key:
-                        batch.append(m)
-                    else:
-                        rest.append(m)
-                rest.extend(self._queue)
-                self._queue = rest
-            return batch
-
-    def _loop(self) -> None:
+    def _prepare_loop(self) -> None:
         while True:
-            job = self._take()
+            with self._cv:
+                while not self._prep:
+                    self._cv.wait()
+                item = self._prep.popleft()
             try:
-                if isinstance(job, LoadModel):
-                    self._load(job)
+                if isinstance(item, LoadModel):
+                    self._load(item)
                 else:
-                    self._generate(job)
+                    self._prepare(item)
             except BaseException:  # never let the thread die silently
-                log.exception("inference thread error")
+                log.exception("prepare thread error")
 
     def _load(self, msg: LoadModel) -> None:
         if self.state is not None:
-            self._reply(WorkerError(id=0, kind="load", error="this worker has a model loaded already"))
+            self._send(Failed(id=0, kind="internal", message="this worker has a model loaded already"))
             return
         log.info("loading %s (task %s) on %s, dtype %s", msg.path, msg.task, msg.device, msg.dtype)
         try:
             state, reply = load_model(msg, self.torch, self.transformers)
         except LoadError as e:
             log.error("load failed: %s", e)
-            self._reply(WorkerError(id=0, kind="load", error=str(e)))
+            self._send(Failed(id=0, kind="unavailable", message=str(e)))
             return
         except Exception as e:
             log.exception("load failed")
-            self._reply(WorkerError(id=0, kind="load", error=f"{type(e).__name__}: {e}"))
+            self._send(Failed(id=0, kind="unavailable", message=f"{type(e).__name__}: {e}"))
             return
-        self.state = state
+        if msg.task in ENCODER_TASKS:
+            engine: Engine = EncodeEngine(self.torch, state, self.out, msg.max_batch, msg.batch_wait_ms)
+        else:
+            engine = GenEngine(self.torch, self.transformers, state, self.out, msg.max_batch)
+        engine.start()
+        self.state, self.engine = state, engine
         log.info("loaded in %.2fs: %d parameters, %s, %s, %d bytes",
                  reply.load_s, reply.param_count, reply.device, reply.dtype, reply.memory_bytes)
-        self._reply(reply)
+        self._send(reply)
 
-    def _generate(self, batch: list[Generate]) -> None:
-        state = self.state
-        if state is None:
-            for m in batch:
-                self._reply(WorkerError(id=m.id, kind="bad_request", error="no model is loaded in this worker"))
-            return
-        rows: list[Prepared] = []
-        for m in batch:
-            try:
-                rows.append(prepare(state, m))
-            except BadRequest as e:
-                self._reply(WorkerError(id=m.id, kind="bad_request", error=str(e)))
-            except Exception as e:
-                log.exception("request %d: tokenising failed", m.id)
-                self._reply(WorkerError(id=m.id, kind="internal", error=f"{type(e).__name__}: {e}"))
-        if not rows:
-            return
-        t0 = time.perf_counter()
+    def _prepare(self, work: Work) -> None:
+        state, engine = self.state, self.engine
         try:
-            results = run_generate(state, rows, self.torch, self.transformers)
+            if state is None or engine is None:
+                raise JobError("no model is loaded in this worker", kind="unavailable")
+            if work.cancelled:
+                raise JobError("cancelled", kind="cancelled")
+            if isinstance(work.request, Generation):
+                if state.task in ENCODER_TASKS:
+                    raise JobError(f"this model is a {state.task} model; it does not generate text", kind="wrong_task")
+                prepare_generation(work, state)
+            else:
+                if state.task not in ENCODER_TASKS:
+                    raise JobError(f"this model is a {state.task} model; it does not encode", kind="wrong_task")
+                prepare_encode(work, state)
+        except JobError as e:
+            self._fail(work, Failed(id=work.id, kind=e.kind, message=e.message, param=e.param))
+            return
         except Exception as e:
-            self._free_cuda()
-            if len(rows) > 1:  # one row may be the trouble: give each its own chance
-                log.warning("batch of %d failed (%s: %s); running its rows one by one", len(rows), type(e).__name__, e)
-                for r in rows:
-                    self._run_one(state, r)
-                return
-            log.exception("request %d failed", rows[0].id)
-            self._reply(WorkerError(id=rows[0].id, kind="internal", error=f"{type(e).__name__}: {e}"))
+            log.exception("job %d: preparing failed", work.id)
+            self._fail(work, Failed(id=work.id, kind="internal", message=f"the input could not be prepared ({type(e).__name__})"))
             return
-        log.debug("generate batch of %d (%s) in %.3fs", len(rows),
-                  batch_key(rows[0].request, rows[0].id)[0], time.perf_counter() - t0)
-        for r, res in zip(rows, results):
-            self._reply(Generated(id=r.id, result=res))
+        engine.add(work)
 
-    def _run_one(self, state: Loaded, row: Prepared) -> None:
-        try:
-            (res,) = run_generate(state, [row], self.torch, self.transformers)
-        except Exception as e:
-            self._free_cuda()
-            log.exception("request %d failed", row.id)
-            self._reply(WorkerError(id=row.id, kind="internal", error=f"{type(e).__name__}: {e}"))
-        else:
-            self._reply(Generated(id=row.id, result=res))
-
-    def _free_cuda(self) -> None:
-        try:
-            if self.state is not None and self.state.device.startswith("cuda"):
-                self.torch.cuda.empty_cache()
-        except Exception:
-            pass
+    def _fail(self, work: Work, frame: Failed) -> None:
+        if JOBS.pop(work.id, None) is not None:
+            work.ended = True
+            self._send(frame)
 
 
 # ------------------------------------------------------------------------------------------
@@ -604,7 +1364,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = bool(torch.cuda.is_available())
     log.debug("libraries imported in %.2fs (tag %r)", time.perf_counter() - t0, args.tag)
 
-    engine = Engine(chan, torch, transformers)
+    worker = Worker(chan, torch, transformers)
     try:
         chan.send(WorkerHello(pid=os.getpid(), torch=str(torch.__version__), cuda=cuda))
     except OSError as e:
@@ -623,7 +1383,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(msg, Shutdown):
             log.info("shutdown asked; exiting")
             _exit(0)
-        engine.submit(msg)
+        worker.on_frame(msg)
 
 
 if __name__ == "__main__":

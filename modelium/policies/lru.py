@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from modelium.core.errors import ErrorKind
 from modelium.hardware import format_bytes
 from modelium.messages import Event, Tick
 from modelium.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needed_bytes
@@ -71,22 +72,22 @@ class LRUPolicy:
         for m in wanting:
             n = len(m.waiting)
             if m.removed:
-                out.append(Reject(model=m.name, reason=f"model {m.name} was removed", through=view.seq, status=404))
+                out.append(Reject(model=m.name, reason=f"model {m.name} was removed", through=view.seq, kind=ErrorKind.not_found))
                 continue
             if m.state == "invalid" or m.spec is None:
-                out.append(Reject(model=m.name, through=view.seq, status=400,
+                out.append(Reject(model=m.name, through=view.seq, kind=ErrorKind.bad_request,
                                   reason=f"model {m.name} cannot be served: {m.reason}"))
                 continue
             if m.crashes >= self.max_crashes and now - m.failed_at < self.retry_failed_s:
                 out.append(Reject(
-                    model=m.name, through=view.seq, status=503,
+                    model=m.name, through=view.seq, kind=ErrorKind.unavailable,
                     reason=(f"the worker of model {m.name} crashed {m.crashes} times, the last {now - m.failed_at:.0f} s "
                             f"ago ({m.reason}); it is retried {self.retry_failed_s:g} s after a crash"),
                 ))
                 continue
             if m.state == "failed" and now - m.failed_at < self.retry_failed_s:
                 out.append(Reject(
-                    model=m.name, through=view.seq, status=503,
+                    model=m.name, through=view.seq, kind=ErrorKind.unavailable,
                     reason=(f"model {m.name} failed to load {now - m.failed_at:.0f} s ago ({m.reason}); "
                             f"it is retried {self.retry_failed_s:g} s after a failure"),
                 ))
@@ -140,7 +141,7 @@ class LRUPolicy:
             return
         biggest = max(devices, key=lambda d: d.budget_bytes)
         if need > biggest.budget_bytes:
-            out.append(Reject(model=m.name, through=view.seq, status=507, reason=(
+            out.append(Reject(model=m.name, through=view.seq, kind=ErrorKind.insufficient_memory, reason=(
                 f"model {m.name} needs {format_bytes(need)} but the largest device budget is "
                 f"{format_bytes(biggest.budget_bytes)} ({biggest.name})")))
         # otherwise memory is held by busy or loading models: the requests keep waiting
