@@ -77,6 +77,7 @@ def write_tiny_model(
     layers: int = 2,
     dtype: str = "float32",
     vocab_size: int = 512,
+    context: int = 256,
 ) -> Path:
     """Write a tiny, loadable model of ``family`` into ``folder`` (created) and return it."""
     if family not in FAMILIES:
@@ -89,7 +90,7 @@ def write_tiny_model(
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
-    tok_config: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 256}
+    tok_config: dict = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": context}
     if family == "bert-cls":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok = _train_wordpiece(vocab_size, specials)
@@ -106,7 +107,7 @@ def write_tiny_model(
 
     if family == "gpt2":
         config = tf.GPT2Config(
-            vocab_size=vocab, n_positions=256, n_embd=hidden, n_layer=layers, n_head=4,
+            vocab_size=vocab, n_positions=context, n_embd=hidden, n_layer=layers, n_head=4,
             bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
         )
         model = tf.GPT2LMHeadModel(config)
@@ -114,14 +115,14 @@ def write_tiny_model(
         config = tf.LlamaConfig(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=256, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+            max_position_embeddings=context, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
             pad_token_id=ids["<pad>"], tie_word_embeddings=False,
         )
         model = tf.LlamaForCausalLM(config)
     elif family == "bert-cls":
         config = tf.BertConfig(
             vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-            intermediate_size=hidden * 2, max_position_embeddings=256, num_labels=2,
+            intermediate_size=hidden * 2, max_position_embeddings=context, num_labels=2,
             id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
             pad_token_id=ids["[PAD]"],
         )

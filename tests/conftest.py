@@ -16,13 +16,22 @@ import httpx
 import pytest
 
 from modelium.demo import write_tiny_model
-from modelium.system import worker_processes
+from modelium.backends.hf import HFBackend
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny Llama (GQA) text-generation model with a trained tokenizer and random weights."""
     return write_tiny_model(tmp_path_factory.mktemp("src") / "tiny-llama", "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_long(tmp_path_factory) -> Path:
+    """A tiny Llama with a 4,096-token context: room for long generations (cancel, deadlines)."""
+    return write_tiny_model(tmp_path_factory.mktemp("src") / "tiny-llama-long", "llama", seed=5, context=4096)
+
+
+NO_EOS = {"2": -100}  # logit_bias that keeps the tiny models from ending early (their EOS id is 2)
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +54,7 @@ def copy_model(src: Path, models: Path, name: str) -> Path:
 
 def worker_pids(tag: str) -> list[int]:
     """Worker processes whose command line carries ``tag``."""
-    return [pid for pid, _ in worker_processes(tag)]
+    return [pid for pid, _ in HFBackend.processes(tag)]
 
 
 @dataclass

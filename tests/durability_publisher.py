@@ -151,7 +151,7 @@ class Stream:
             self.publish(DeviceSampled(device=dev, free_bytes=total - used, used_bytes=used))
         elif r < 0.99:
             self.publish(Reject(model=name, reason="queue full", policy="lru",
-                                trigger=self.log.last_seq, through=self.log.last_seq, status=503))
+                                trigger=self.log.last_seq, through=self.log.last_seq, kind="queue_full"))
         else:
             self.churn(name, m)
 

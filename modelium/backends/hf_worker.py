@@ -974,6 +974,7 @@ class GenEngine(Engine):
             return
         main = next((c for c in self.cohorts if c.mergeable), None)
         if cohort.mergeable and main is not None:
+            log.debug("job %d joins a batch of %d sequence(s)", w.id, len(main.rows))
             main.merge(cohort)
         else:
             self.cohorts.append(cohort)

@@ -72,22 +72,22 @@ class LRUPolicy:
         for m in wanting:
             n = len(m.waiting)
             if m.removed:
-                out.append(Reject(model=m.name, reason=f"model {m.name} was removed", through=view.seq, kind=ErrorKind.not_found))
+                out.append(Reject(model=m.name, reason=f"model {m.name} was removed", through=view.seq, kind=ErrorKind.not_found.value))
                 continue
             if m.state == "invalid" or m.spec is None:
-                out.append(Reject(model=m.name, through=view.seq, kind=ErrorKind.bad_request,
+                out.append(Reject(model=m.name, through=view.seq, kind=ErrorKind.bad_request.value,
                                   reason=f"model {m.name} cannot be served: {m.reason}"))
                 continue
             if m.crashes >= self.max_crashes and now - m.failed_at < self.retry_failed_s:
                 out.append(Reject(
-                    model=m.name, through=view.seq, kind=ErrorKind.unavailable,
+                    model=m.name, through=view.seq, kind=ErrorKind.unavailable.value,
                     reason=(f"the worker of model {m.name} crashed {m.crashes} times, the last {now - m.failed_at:.0f} s "
                             f"ago ({m.reason}); it is retried {self.retry_failed_s:g} s after a crash"),
                 ))
                 continue
             if m.state == "failed" and now - m.failed_at < self.retry_failed_s:
                 out.append(Reject(
-                    model=m.name, through=view.seq, kind=ErrorKind.unavailable,
+                    model=m.name, through=view.seq, kind=ErrorKind.unavailable.value,
                     reason=(f"model {m.name} failed to load {now - m.failed_at:.0f} s ago ({m.reason}); "
                             f"it is retried {self.retry_failed_s:g} s after a failure"),
                 ))
@@ -141,7 +141,7 @@ class LRUPolicy:
             return
         biggest = max(devices, key=lambda d: d.budget_bytes)
         if need > biggest.budget_bytes:
-            out.append(Reject(model=m.name, through=view.seq, kind=ErrorKind.insufficient_memory, reason=(
+            out.append(Reject(model=m.name, through=view.seq, kind=ErrorKind.insufficient_memory.value, reason=(
                 f"model {m.name} needs {format_bytes(need)} but the largest device budget is "
                 f"{format_bytes(biggest.budget_bytes)} ({biggest.name})")))
         # otherwise memory is held by busy or loading models: the requests keep waiting
