@@ -75,7 +75,7 @@ class Calls:
         self.per = per  # choices per request: request i's choices are numbered from i * per
         self.tenant = tenant
         self.chars = chars or [0] * len(reqs)
-        base = f"{prefix}-{uuid.uuid4().hex}"
+        self.id = base = f"{prefix}-{uuid.uuid4().hex}"  # the answer's id; the log's request ids derive from it
         self.ids = [base] if len(reqs) == 1 else [f"{base}-{i}" for i in range(len(reqs))]
         self.open: set[str] = set()  # admitted, not ended
         self._send, self._recv = trio.open_memory_channel[tuple[int, Any]](float("inf"))
@@ -329,11 +329,11 @@ def create_app(system: Any) -> QuartTrio:
         req: CompletionRequest = await body_of(CompletionRequest)
         req.check()
         prompts = req.prompts()
-        cid = "cmpl-" + uuid.uuid4().hex
         created = int(time.time())
         n = req.n or 1
         calls = Calls(system, req.model, "completion", [req.to_request(p) for p in prompts], prefix="cmpl",
                       per=n, chars=[len(p) if isinstance(p, str) else 0 for p in prompts])
+        cid = calls.id
 
         def head() -> dict[str, Any]:
             return {"id": cid, "object": "text_completion", "created": created, "model": req.model}
@@ -364,11 +364,11 @@ def create_app(system: Any) -> QuartTrio:
         req: ChatRequest = await body_of(ChatRequest)
         req.check()
         gen = req.to_request()
-        cid = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
         n = req.n or 1
         calls = Calls(system, req.model, "chat", [gen], prefix="chatcmpl", per=n,
                       chars=[sum(len(m.content) for m in gen.messages)])
+        cid = calls.id
 
         def head() -> dict[str, Any]:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
