@@ -222,7 +222,7 @@ class Router(Actor):
         max_tokens = req.max_tokens if isinstance(req, Generation) else 0
         seq = self.log.publish(RequestArrived(
             model=msg.model, request_id=msg.request_id, kind=msg.kind, prompt_chars=msg.prompt_chars,
-            max_tokens=max_tokens, tenant=msg.tenant))
+            max_tokens=max_tokens, tenant=msg.tenant, user=msg.user))
         p = Pending(msg.model, msg.request_id, seq, msg, now, now + msg.timeout_s)
         self.q.waiting.setdefault(msg.model, deque()).append(p)
         self.queued[p.request_id] = p
@@ -265,7 +265,7 @@ class Router(Actor):
         del self.inflight[msg.request_id]
         self._release(p)
         self._finish(p, msg.status, error=msg.error, kind=msg.error_kind, prompt_tokens=msg.prompt_tokens,
-                     completion_tokens=msg.completion_tokens, ttft_s=msg.ttft_s)
+                     completion_tokens=msg.completion_tokens, ttft_s=msg.ttft_s, worker_s=msg.worker_s)
         self._pump(p.model)
         self._check_idle()
 
@@ -291,7 +291,7 @@ class Router(Actor):
         self._pump(p.model)
 
     def _finish(self, p: Pending, status: str, *, error: str = "", kind: str = "", prompt_tokens: int = 0,
-                completion_tokens: int = 0, ttft_s: float = 0.0) -> None:
+                completion_tokens: int = 0, ttft_s: float = 0.0, worker_s: float = 0.0) -> None:
         now = trio.current_time()
         if p.dispatched_at:
             queue_s, service_s = p.dispatched_at - p.arrived, now - p.dispatched_at
@@ -300,7 +300,8 @@ class Router(Actor):
         self.log.publish(RequestFinished(
             model=p.model, request_id=p.request_id, status=status, queue_s=round(queue_s, 6),
             service_s=round(service_s, 6), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            error=error[:500], error_kind=str(kind) if status != "ok" else "", ttft_s=round(ttft_s, 6)))
+            error=error[:500], error_kind=str(kind) if status != "ok" else "", ttft_s=round(ttft_s, 6),
+            worker_s=round(worker_s, 6)))
 
     def _check_idle(self) -> None:
         if not self.busy:

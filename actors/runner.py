@@ -76,9 +76,9 @@ def result_of(request_id: str, outcome: Outcome, cancel_kind: str, started: floa
                             error=f"stopped ({kind})", prompt_tokens=t.prompt_tokens,
                             completion_tokens=t.completion_tokens, ttft_s=ttft)
         return Finished(request_id=request_id, status="ok", prompt_tokens=t.prompt_tokens,
-                        completion_tokens=t.completion_tokens, ttft_s=ttft)
+                        completion_tokens=t.completion_tokens, ttft_s=ttft, worker_s=t.service_s)
     if isinstance(t, Encoded):
-        return Finished(request_id=request_id, status="ok", prompt_tokens=t.prompt_tokens)
+        return Finished(request_id=request_id, status="ok", prompt_tokens=t.prompt_tokens, worker_s=t.service_s)
     kind = cancel_kind or t.kind
     status = STATUS_OF_CANCEL.get(kind, "error") if (cancel_kind or t.kind == "cancelled") else "error"
     return Finished(request_id=request_id, status=status, error=t.message, error_kind=kind, ttft_s=ttft)

@@ -21,9 +21,21 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from modelium.analysis import analyse  # noqa: E402
 from modelium.backends.hf import HFBackend  # noqa: E402
 from modelium.demo import write_tiny_model  # noqa: E402
-from modelium.messages import Completion  # noqa: E402
+from modelium.hardware import DeviceInfo  # noqa: E402
+from modelium.messages import Generation  # noqa: E402
+
+CPU = DeviceInfo("cpu", "cpu", "CPU", 0, 0)
+
+
+async def first_tokens(worker) -> None:
+    send, recv = trio.open_memory_channel(float("inf"))
+    job = worker.submit(Generation(prompt="Once upon a time", max_tokens=8, temperature=0), send)
+    async for _ in recv:
+        pass
+    await job.outcome()
 
 
 async def measure(models: dict[str, Path], rounds: int) -> None:
@@ -35,10 +47,10 @@ async def measure(models: dict[str, Path], rounds: int) -> None:
             for _ in range(rounds):
                 for mode in ("cold", "spare"):
                     if mode == "spare":
+                        backend.set_spares(1)
                         await backend.wait_ready(1)
-                        backend.spares = 1
                     else:
-                        backend.spares = 0  # no refill racing the cold spawn for the CPU
+                        backend.set_spares(0)  # no refill racing the cold spawn for the CPU
                         await trio.sleep(0.5)
                     t0 = time.perf_counter()
                     if mode == "cold":
@@ -47,9 +59,9 @@ async def measure(models: dict[str, Path], rounds: int) -> None:
                     else:
                         worker = await backend.acquire()
                     t1 = time.perf_counter()
-                    loaded = await worker.load(str(path), "text-generation", "cpu")
+                    loaded = await worker.load(backend.load_message(analyse(path), CPU))
                     t2 = time.perf_counter()
-                    await worker.generate(Completion(prompt="Once upon a time", max_tokens=8, temperature=0))
+                    await first_tokens(worker)
                     t3 = time.perf_counter()
                     rows[mode].append((t1 - t0, t2 - t1, t3 - t2, loaded.memory_bytes))
                     await worker.stop()

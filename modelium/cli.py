@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import logging
 import os
@@ -52,6 +53,10 @@ def _serve(args: argparse.Namespace) -> int:
                 n.cancel_scope.cancel()  # the system stopped (shutdown done): stop listening for signals
 
             system = await n.start(run_then_stop)
+            # what exists now lives as long as the server: keep it out of the collector's scans,
+            # and collect less often (a request makes many short-lived objects, few cycles)
+            gc.freeze()
+            gc.set_threshold(20_000, 50, 100)
             print(f"Modelium {system.address} · models from {', '.join(map(str, settings.models_dirs))} "
                   f"· log {settings.db}", file=sys.stderr, flush=True)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

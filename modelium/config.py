@@ -63,6 +63,10 @@ class Settings(BaseModel):
     batch_max_size: int = Field(32, ge=1)  # embeddings/classification: inputs per forward pass
     drain_s: float = Field(30.0, ge=0)
     spare_workers: int = Field(1, ge=0)
+    # torch threads of a worker running on the CPU. Default: a generating worker takes all cores
+    # but one, which is left to the server (it relays every token as it comes, and a decode step
+    # is too small to gain from the last core); an encoder's batches take every core
+    worker_threads: int | None = Field(None, ge=1)
 
     # the event log
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"

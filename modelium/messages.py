@@ -275,6 +275,7 @@ class RequestArrived(Event, frozen=True, kw_only=True):
     prompt_chars: int = 0  # characters of input (prompt, messages' text, or inputs)
     max_tokens: int = 0
     tenant: str = ""  # the organization the request is for ("" when none was given)
+    user: str = ""  # OpenAI's ``user``: the client's own name for its end user
 
 
 # "interrupted": the server died while the request was admitted; closed at the next start
@@ -293,6 +294,7 @@ class RequestFinished(Event, frozen=True, kw_only=True):
     error: str = ""
     error_kind: str = ""  # the ErrorKind of a request that did not end "ok"
     ttft_s: float = 0.0  # from dispatch to the first token (generation only)
+    worker_s: float = 0.0  # the worker's own time on it (from its arrival there to its answer)
 
 
 LATENCY_BUCKETS = 24  # histogram bucket i counts latencies in [2**(i-1), 2**i) ms; bucket 0: < 1 ms
@@ -433,6 +435,7 @@ class Submit(_Msg, frozen=True, kw_only=True):
     timeout_s: float
     sink: Any
     tenant: str = ""
+    user: str = ""
     prompt_chars: int = 0
 
 
@@ -464,6 +467,7 @@ class Finished(_Msg, frozen=True, kw_only=True):
     error: str = ""
     error_kind: str = ""
     ttft_s: float = 0.0
+    worker_s: float = 0.0
     bounced: bool = False
 
 
@@ -520,6 +524,7 @@ class LoadModel(_Msg, frozen=True, kw_only=True):
     max_input: int = 0  # encoders: inputs are truncated to this many tokens (0: the model's limit)
     max_batch: int = 64  # generation: sequences decoded together; encoders: inputs per forward
     batch_wait_ms: float = 2.0  # encoders: how long a lone input waits for company
+    threads: int = 0  # torch's intra-op threads on the CPU (0: torch's default)
 
 
 class ModelLoaded(_Msg, frozen=True, kw_only=True):
@@ -532,6 +537,7 @@ class ModelLoaded(_Msg, frozen=True, kw_only=True):
     max_token_chars: int = 0
     labels: list[str] = []  # classification: the labels, by class index
     dim: int = 0  # embedding: the vector's dimension
+    warmup_s: float = 0.0  # of load_s: the model's first run on a tiny input
 
 
 class Job(_Msg, frozen=True, kw_only=True):

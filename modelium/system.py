@@ -173,7 +173,8 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                 sup.start(root, a)
             backends = {"transformers": backend_class("transformers")(
                 spares=settings.spare_workers, tag=tag, max_batch=settings.max_inflight,
-                encode_batch=settings.batch_max_size, batch_wait_ms=settings.batch_wait_ms)}
+                encode_batch=settings.batch_max_size, batch_wait_ms=settings.batch_wait_ms,
+                cpu_threads=settings.worker_threads or 0)}
             for backend in backends.values():
                 await root.start(backend.run)
             router = sup.start(root, Router(elog, registry, max_queue=settings.max_queue))

@@ -290,7 +290,7 @@ class EventLog:
         path: str | Path,
         *,
         synchronous: str = "NORMAL",
-        commit_interval: float = 0.002,
+        commit_interval: float = 0.010,
         commit_rows: int = 4096,
         ring: int = 65536,
         clock: Callable[[], float] = time.time,

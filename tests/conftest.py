@@ -116,6 +116,16 @@ class Server:
             time.sleep(0.1)
         pytest.fail(f"model {name} not {state or 'listed'} within {timeout} s (last: {last}):\n{self.output()}")
 
+    def wait_committed(self, timeout: float = 10.0) -> None:
+        """Wait until everything the server published so far is committed (readable from the file)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            h = self.get("/health").json()
+            if h["committed_seq"] >= h["seq"]:
+                return
+            time.sleep(0.02)
+        pytest.fail(f"the log was not committed within {timeout} s")
+
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)

@@ -49,16 +49,6 @@ def replay(db) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def wait_committed(server, timeout=10.0):
-    """Wait until everything the server published so far is committed (readable from the file)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        h = server.get("/health").json()
-        if h["committed_seq"] >= h["seq"]:
-            return
-        time.sleep(0.05)
-
-
 def test_a_dropped_model_answers_the_openai_client_and_requests_wait_while_it_loads(make_server, tiny_llama):
     # no spare worker: the first load starts a worker process from scratch, which takes seconds,
     # so the requests below are certainly sent while the model loads
@@ -81,7 +71,7 @@ def test_a_dropped_model_answers_the_openai_client_and_requests_wait_while_it_lo
     again = client(server).completions.create(model="alpha", prompt="Once upon a time 0", max_tokens=5, temperature=0)
     assert again.choices[0].text == answers[0].choices[0].text
 
-    wait_committed(server)
+    server.wait_committed()
     evs = events(server.db)
     disc, _ = first(evs, ModelDiscovered, model="alpha")
     load_seq, load = first(evs, Load, model="alpha")
@@ -120,7 +110,7 @@ def test_two_models_with_memory_for_one_take_turns_by_lru(make_server, tiny_llam
     for name in ["llama", "gpt2", "llama", "gpt2"]:
         r = c.completions.create(model=name, prompt="The quick brown fox", max_tokens=3)
         assert r.model == name and r.usage.completion_tokens >= 1
-    wait_committed(server)
+    server.wait_committed()
     evs = events(server.db)
     evicts = [e for _, e in evs if isinstance(e, Evict)]
     loads = [e for _, e in evs if isinstance(e, Load)]

@@ -92,6 +92,7 @@ def test_a_short_request_beside_a_long_one_is_not_held_up(server):
 
 def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_the_model_reloads(server):
     c = client(server)
+    server.wait_committed()
     loads = len([e for _, e in read_events(server.db, types=["LoadCompleted"]) if e.model == "long"])
     pid = [e for _, e in read_events(server.db, types=["LoadCompleted"]) if e.model == "long"][-1].pid
     stream = c.completions.create(model="long", stream=True, **LONG)
@@ -109,6 +110,7 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_the_model_
     assert "/" not in body["message"] and "Traceback" not in body["message"]  # no paths, no worker logs
     r = c.completions.create(model="long", prompt="Once", max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4
+    server.wait_committed()
     assert len([e for _, e in read_events(server.db, types=["LoadCompleted"]) if e.model == "long"]) == loads + 1
 
 
@@ -166,11 +168,13 @@ def test_a_burst_of_oversized_bodies_leaves_the_server_near_its_memory_baseline(
 
 
 def test_a_prompt_surely_over_the_context_is_refused_before_tokenisation(server):
+    server.wait_committed()
     arrived = len(list(read_events(server.db, types=["RequestArrived"])))
     r = httpx.post(server.url + "/v1/completions", json={"model": "small", "prompt": "word" * 500_000,
                                                          "max_tokens": 2}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["param"] == "prompt"
     assert "context is 256 tokens" in r.json()["error"]["message"]
+    server.wait_committed()
     assert len(list(read_events(server.db, types=["RequestArrived"]))) == arrived  # it never got in
     # one that only tokenisation can tell is refused by the worker, as 413 too
     r = httpx.post(server.url + "/v1/completions", json={"model": "small", "prompt": "word " * 300,
@@ -206,6 +210,7 @@ def test_a_request_past_its_deadline_gets_504_and_its_generation_stops(make_serv
     with pytest.raises(openai.APIStatusError) as e:
         c.completions.create(model="long", **LONG | {"max_tokens": 4000})
     assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+    s.wait_committed()
     rid = [e for _, e in read_events(s.db, types=["RequestArrived"])][-1].request_id
     r = c.completions.create(model="long", prompt="Once", max_tokens=4, temperature=0)  # not held up
     assert r.usage.completion_tokens == 4

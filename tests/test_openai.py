@@ -265,7 +265,10 @@ def test_models_predict_and_status(server, tiny_llama):
     assert len(embs["output"]) == 2 and len(embs["output"][1]) == 384
     cls = httpx.post(server.url + "/predict/cls", json={"input": "hello"}, timeout=60).json()
     assert cls["output"]["label"] in ("negative", "positive") and len(cls["output"]["probs"]) == 2
-    tenants = {e.tenant for _, e in read_events(server.db, types=["RequestArrived"])}
+    server.wait_committed()
+    arrivals = [e for _, e in read_events(server.db, types=["RequestArrived"])]
+    assert "tester" in {e.user for e in arrivals}  # OpenAI's `user` is recorded too
+    tenants = {e.tenant for e in arrivals}
     assert {"acme", "beta"} <= tenants  # the organization is recorded on RequestArrived
 
     status = server.get("/status").json()

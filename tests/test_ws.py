@@ -109,6 +109,7 @@ async def test_interleaved_requests_a_cancel_and_a_malformed_frame_on_one_connec
 
 async def test_closing_the_socket_cancels_everything_it_started(server):
     url = server.url.replace("http://", "ws://") + "/ws/infer"
+    server.wait_committed()
     before = len([1 for _, e in read_events(server.db, types=["RequestFinished"]) if e.model == "long"])
     async with open_websocket_url(url) as ws:
         for i in range(3):

@@ -67,13 +67,14 @@ class Calls:
     cancellation when the handler leaves before they ended (the client went away)."""
 
     def __init__(self, system: Any, model: str, kind: str, reqs: list[Any], *, prefix: str, per: int = 1,
-                 tenant: str = "", chars: list[int] | None = None):
+                 tenant: str = "", user: str = "", chars: list[int] | None = None):
         self.system = system
         self.model = model
         self.kind = kind
         self.reqs = reqs
         self.per = per  # choices per request: request i's choices are numbered from i * per
         self.tenant = tenant
+        self.user = user
         self.chars = chars or [0] * len(reqs)
         self.id = base = f"{prefix}-{uuid.uuid4().hex}"  # the answer's id; the log's request ids derive from it
         self.ids = [base] if len(reqs) == 1 else [f"{base}-{i}" for i in range(len(reqs))]
@@ -88,7 +89,8 @@ class Calls:
                 try:
                     await self.system.router.ask(Submit(
                         model=self.model, request_id=rid, kind=self.kind, request=req, timeout_s=timeout,
-                        sink=Tagged(self._send.clone(), i * self.per), tenant=self.tenant, prompt_chars=self.chars[i]))
+                        sink=Tagged(self._send.clone(), i * self.per), tenant=self.tenant, user=self.user,
+                        prompt_chars=self.chars[i]))
                 except Refused as e:
                     raise e.error from None
                 except ActorDied:
@@ -228,7 +230,8 @@ def create_app(system: Any) -> QuartTrio:
             "server": {"version": modelium.__version__, "pid": os.getpid(),
                        "state": "stopping" if getattr(system, "stopping", False) else "serving",
                        "uptime_s": round(time.time() - started, 3), "seq": system.log.last_seq,
-                       "committed_seq": system.log.committed_seq, "policy": registry.policy},
+                       "committed_seq": system.log.committed_seq, "policy": registry.policy,
+                       "spare_workers": {name: getattr(b, "ready_spares", 0) for name, b in system.backends.items()}},
             "devices": devices,
             "models": models,
         })
@@ -332,7 +335,7 @@ def create_app(system: Any) -> QuartTrio:
         created = int(time.time())
         n = req.n or 1
         calls = Calls(system, req.model, "completion", [req.to_request(p) for p in prompts], prefix="cmpl",
-                      per=n, chars=[len(p) if isinstance(p, str) else 0 for p in prompts])
+                      per=n, user=req.user or "", chars=[len(p) if isinstance(p, str) else 0 for p in prompts])
         cid = calls.id
 
         def head() -> dict[str, Any]:
@@ -366,7 +369,7 @@ def create_app(system: Any) -> QuartTrio:
         gen = req.to_request()
         created = int(time.time())
         n = req.n or 1
-        calls = Calls(system, req.model, "chat", [gen], prefix="chatcmpl", per=n,
+        calls = Calls(system, req.model, "chat", [gen], prefix="chatcmpl", per=n, user=req.user or "",
                       chars=[sum(len(m.content) for m in gen.messages)])
         cid = calls.id
 
@@ -405,8 +408,9 @@ def create_app(system: Any) -> QuartTrio:
 
     # ------------------------------------------------------------------ encoders
 
-    async def encode(model: str, kind: str, req: Encode, prefix: str, tenant: str = "") -> Encoded:
-        calls = Calls(system, model, kind, [req], prefix=prefix, tenant=tenant, chars=[sum(len(t) for t in req.texts)])
+    async def encode(model: str, kind: str, req: Encode, prefix: str, tenant: str = "", user: str = "") -> Encoded:
+        calls = Calls(system, model, kind, [req], prefix=prefix, tenant=tenant, user=user,
+                      chars=[sum(len(t) for t in req.texts)])
         try:
             await calls.submit()
             item = await calls.next()
@@ -420,7 +424,7 @@ def create_app(system: Any) -> QuartTrio:
     @app.post("/v1/embeddings")
     async def embeddings():
         req: EmbeddingRequest = await body_of(EmbeddingRequest)
-        out = await encode(req.model, "embedding", req.to_request(), "embd")
+        out = await encode(req.model, "embedding", req.to_request(), "embd", user=req.user or "")
         if req.dimensions is not None and req.dimensions != out.dim:
             raise ModeliumError(ErrorKind.bad_request, f"dimensions must be {out.dim} for this model "
                                                        "(it does not shorten its embeddings)", param="dimensions")
@@ -430,7 +434,7 @@ def create_app(system: Any) -> QuartTrio:
 
     async def classify_route():
         req: ClassifyRequest = await body_of(ClassifyRequest)
-        out = await encode(req.model, "classify", req.to_request(), "classify")
+        out = await encode(req.model, "classify", req.to_request(), "classify", user=req.user or "")
         return jsonify({"id": "classify-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
                         "model": req.model, "data": classifications(out),
                         "usage": usage(out.prompt_tokens, 0)})

@@ -33,6 +33,7 @@ import trio
 
 from modelium.backends.base import Outcome
 from modelium.backends.framing import FrameError, TrioChannel
+from modelium.backends.hf_worker import set_idle_priority
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.hardware import DeviceInfo
 from modelium.messages import (
@@ -536,7 +537,11 @@ class HFBackend:
 
     def __init__(self, *, spares: int = 1, tag: str = "", python: str = sys.executable,
                  env: dict | None = None, hello_timeout_s: float = 180.0, stop_grace_s: float = 2.0,
-                 max_batch: int = 64, encode_batch: int = 32, batch_wait_ms: float = 2.0):
+                 max_batch: int = 64, encode_batch: int = 32, batch_wait_ms: float = 2.0,
+                 refill_delay_s: float = 1.0, cpu_threads: int = 0):
+        self.cpu_threads = cpu_threads  # torch threads of a worker on the CPU (0: see cpu_threads_for)
+        self.refill_delay_s = refill_delay_s
+        self._refill_after = 0.0
         self.max_batch = max(1, max_batch)  # sequences decoded together
         self.encode_batch = max(1, encode_batch)  # inputs per encoder forward pass
         self.batch_wait_ms = batch_wait_ms
@@ -568,6 +573,11 @@ class HFBackend:
         self._changed.set()
         self._changed = trio.Event()
 
+    def set_spares(self, n: int) -> None:
+        """Keep ``n`` warm spares from now on."""
+        self.spares = max(0, n)
+        self._notify()
+
     async def wait_ready(self, n: int | None = None) -> None:
         """Wait until ``n`` (default: ``spares``) warm spares are ready."""
         n = self.spares if n is None else n
@@ -576,15 +586,18 @@ class HFBackend:
 
     # -- processes ------------------------------------------------------------------------------
 
-    def _spawn(self) -> HFWorker:
-        """Start one worker process (from the trio thread: see the module's docstring)."""
+    def _spawn(self, *, spare: bool = False) -> HFWorker:
+        """Start one worker process (from the trio thread: see the module's docstring). A spare
+        warms up on idle CPU time only (see ``hf_worker.set_idle_priority``)."""
         if self._nursery is None:
             raise RuntimeError("HFBackend.run() is not running")
         parent_sock, child_sock = socket.socketpair()
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        # OpenMP threads that spin while they wait steal the CPU from the server and the other
+        # workers on the machine: workers' threads sleep instead (unless told otherwise)
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         cmd = [self.python, "-m", WORKER_MODULE, "--fd", str(child_sock.fileno()),
-               "--parent", str(os.getpid()), "--tag", self.tag]
+               "--parent", str(os.getpid()), "--tag", self.tag, *(["--idle"] if spare else [])]
         try:
             popen = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
@@ -597,6 +610,8 @@ class HFBackend:
         finally:
             child_sock.close()
             os.close(write_fd)
+        if spare:
+            set_idle_priority(True, popen.pid)  # from its interpreter's start (it does so itself too)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
         worker = HFWorker(popen, TrioChannel(stream, FromWorker), trio.lowlevel.FdStream(read_fd),
                           tag=self.tag, on_exit=self._worker_exited)
@@ -613,9 +628,13 @@ class HFBackend:
 
     async def _keep_spares(self) -> None:
         while True:
+            if len(self._ready) + len(self._starting) + self._cooling < self.spares:
+                # a spare just taken is loading and answering its first requests: its
+                # replacement starts a moment later, so as not to compete with them
+                await trio.sleep_until(self._refill_after)
             while len(self._ready) + len(self._starting) + self._cooling < self.spares:
                 try:
-                    worker = self._spawn()
+                    worker = self._spawn(spare=True)
                 except BackendError as e:
                     log.error("cannot start a spare worker: %s", e.reason)
                     await self._backoff()
@@ -660,10 +679,12 @@ class HFBackend:
             worker = self._ready.pop(0)
             if not worker.exited:
                 worker.from_spare = True
+                self._refill_after = trio.current_time() + self.refill_delay_s
                 self._notify()  # refill
                 return worker
         if self._starting:  # half-way there beats starting from nothing
             worker = self._starting.pop(0)
+            set_idle_priority(False, worker.pid)  # a load waits for it: full priority now
             self._notify()
         else:
             worker = self._spawn()
@@ -683,7 +704,17 @@ class HFBackend:
             subfolder=spec.subfolder, pooling=spec.pooling, normalize=spec.normalize,
             max_input=spec.max_context if encoder else 0,
             max_batch=self.encode_batch if encoder else self.max_batch, batch_wait_ms=self.batch_wait_ms,
+            threads=self.cpu_threads_for(spec.task) if device.torch_device == "cpu" else 0,
         )
+
+    def cpu_threads_for(self, task: str) -> int:
+        """Torch threads for a worker on the CPU: the setting, else every core for an encoder
+        (throughput-bound batches) and every core but one for generation (the server relays
+        each token as it comes, and a decode step gains little from the last core)."""
+        if self.cpu_threads:
+            return self.cpu_threads
+        cores = os.cpu_count() or 1
+        return cores if task in ("embedding", "classification") else max(1, cores - 1)
 
     async def start(self, spec: ModelSpec, device: DeviceInfo, grant: int) -> HFWorker:
         """A worker (a warm spare when there is one) with ``spec`` loaded on ``device``. The grant

@@ -10,9 +10,11 @@ of a ``socketpair``) with the frames of :mod:`modelium.backends.framing`:
     CancelJob(id)       -> the job ends before its next decode step (Done with cancelled=True)
     Shutdown, or the end of the socket -> the process exits
 
-Threads. The main thread only reads frames. A *prepare* thread checks each job and tokenises it
-(chat messages through the model's own chat template), so that a long prompt never holds up the
-decode loop. The *engine* thread owns the model:
+Threads. A *frames* thread reads the server's frames; it checks and tokenises short inputs
+itself. A *prepare* thread loads the model, and checks and tokenises long inputs (chat messages
+through the model's own chat template), so that a long prompt never holds up the decode loop.
+The *main* thread owns the model and runs its engine (torch's thread pools are markedly slower
+when driven from any other thread):
 
 * generation is continuously batched: every sequence in flight advances one token per decode
   step in one forward pass; a new job is prefilled and joins the batch at the next step, a
@@ -46,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from modelium.backends.framing import FrameError, SyncChannel
 from modelium.messages import (
@@ -95,6 +99,26 @@ def set_parent_death_signal(parent: int) -> None:
     if os.getppid() != parent:
         log.error("parent %d is gone (parent is now %d); exiting", parent, os.getppid())
         _exit(3)
+
+
+def set_idle_priority(idle: bool, pid: int | str = "self") -> None:
+    """A spare worker imports its libraries under SCHED_IDLE, on CPU time nobody else wants, so
+    that warming it never slows a worker that is serving; it is back to SCHED_OTHER as soon as it
+    is given a model, or as soon as a load waits for it (the server switches it then). Every
+    thread of the process is switched (the policy is per thread); an unprivileged user may do
+    both, to its own processes."""
+    if not hasattr(os, "sched_setscheduler"):
+        return
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [0] if pid == "self" else []
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except OSError:  # a thread that just ended, or a kernel without the policy
+            pass
 
 
 def _exit(code: int) -> None:
@@ -818,11 +842,15 @@ class Seq2SeqCohort(Cohort):
 
 
 class Outbox:
-    """Frames to send, written to the socket in one go per engine iteration."""
+    """Frames to send, written to the socket in one go per engine iteration. With
+    ``MODELIUM_WORKER_TRACE=FILE`` in the environment, each token frame's send time
+    (``time.monotonic()``, comparable across processes) is appended to FILE (for benchmarks)."""
 
     def __init__(self, chan: SyncChannel):
         self.chan = chan
         self.frames: list[Any] = []
+        trace = os.environ.get("MODELIUM_WORKER_TRACE")
+        self.trace = open(trace, "a", buffering=1) if trace else None
 
     def put(self, frame: Any) -> None:
         self.frames.append(frame)
@@ -831,14 +859,20 @@ class Outbox:
         if not self.frames:
             return
         frames, self.frames = self.frames, []
+        now = time.monotonic()
         try:
             self.chan.send_many(frames)
-        except OSError as e:  # the server is gone: the main thread sees EOF and exits
+        except OSError as e:  # the server is gone: the frames thread sees EOF and exits
             log.warning("cannot send %d frame(s): %s", len(frames), e)
+        if self.trace is not None:
+            self.trace.write("".join(f"{os.getpid()} {f.id} {f.index} {now:.6f}\n" for f in frames
+                                     if isinstance(f, Token) and f.text))
 
 
 class Engine:
-    """Base: a thread that owns the model; jobs arrive prepared through :meth:`add`."""
+    """Base: the loop that owns the model, on the process's main thread (torch's thread pools
+    are markedly slower when driven from another thread); jobs arrive prepared through
+    :meth:`add`."""
 
     def __init__(self, torch: Any, state: Loaded, out: Outbox, max_batch: int):
         self.torch = torch
@@ -848,10 +882,10 @@ class Engine:
         self.cv = threading.Condition()
         self.pending: collections.deque[Work] = collections.deque()
         self.poke = False  # a cancel arrived: look at the jobs now
-        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
-    def start(self) -> None:
-        self.thread.start()
+    def warm_up(self) -> None:
+        """Run the model once on a tiny input before the first request does: the first call of
+        a model pays for lazy initialisation in torch (tens to hundreds of ms)."""
 
     def add(self, work: Work) -> None:
         with self.cv:
@@ -863,7 +897,8 @@ class Engine:
             self.poke = True
             self.cv.notify()
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Serve jobs forever."""
         with self.torch.inference_mode():
             while True:
                 try:
@@ -899,6 +934,17 @@ class GenEngine(Engine):
         self.sampler = Sampler(torch, state)
         self.cohorts: list[Cohort] = []
         self.steps = 0
+
+    def warm_up(self) -> None:
+        st = self.state
+        ids = [st.eos_ids[0] if st.eos_ids else st.pad_id] * 4
+        w = Work(id=0, request=Generation(max_tokens=2, temperature=0), arrived=time.perf_counter(), ids=ids)
+        w.rows = [Row(work=w, index=0, limit=2, greedy=True, temperature=0.0, top_p=1.0, stops=[],
+                      detok=Detokenizer(st.tokenizer))]
+        with self.torch.inference_mode():
+            cohort, logits = (Seq2SeqCohort if st.seq2seq else DecoderCohort).prefill(self, w)
+            cohort.rows[0].last = int(logits[0].argmax())
+            cohort.step()
 
     def new_cache(self) -> Any:
         try:
@@ -1141,6 +1187,13 @@ class EncodeEngine(Engine):
                 self.end(w, Failed(id=w.id, kind="internal",
                                    message=f"the model failed on this input ({type(e).__name__})"))
 
+    def warm_up(self) -> None:
+        tok = self.state.tokenizer
+        enc = tok(["warm up"], return_tensors="pt")
+        dev = self.state.model.device
+        with self.torch.inference_mode():
+            self._forward(enc["input_ids"].to(dev), enc["attention_mask"].to(dev), enc.get("token_type_ids"))
+
     def _inputs(self) -> int:
         return sum(_count(w) for w in self.pending)
 
@@ -1219,6 +1272,14 @@ def _count(w: Work) -> int:
 # the worker: frames in, jobs prepared, engine
 # ------------------------------------------------------------------------------------------
 
+INLINE_CHARS = 4096  # inputs up to this size are tokenised on the thread that reads frames
+
+
+def _input_chars(req: Any) -> int:
+    if isinstance(req, Generation):
+        return len(req.prompt) + sum(len(m.content) for m in req.messages) + len(req.prompt_ids)
+    return sum(len(t) for t in req.texts) + sum(len(x) for x in req.ids)
+
 JOBS: dict[int, Work] = {}  # jobs not ended, by id (the main thread adds, whoever ends removes)
 
 
@@ -1231,6 +1292,9 @@ class Worker:
         self.state: Loaded | None = None
         self.engine: Engine | None = None
         self.loading = False
+        self._loaded = threading.Event()  # the prepare thread has a model for the main thread
+        self._handoff: tuple[Engine, Loaded, ModelLoaded] | None = None
+        self.threads = 0
         self._prep: collections.deque[Any] = collections.deque()
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._prepare_loop, name="prepare", daemon=True)
@@ -1251,7 +1315,10 @@ class Worker:
                 return
             work = Work(id=msg.id, request=msg.request, arrived=time.perf_counter())
             JOBS[msg.id] = work
-            self._queue(work)
+            if self.engine is not None and _input_chars(msg.request) <= INLINE_CHARS:
+                self._prepare(work)  # short: tokenised here, one thread hand-off fewer
+            else:
+                self._queue(work)
         elif isinstance(msg, CancelJob):
             work = JOBS.get(msg.id)
             if work is not None:
@@ -1259,6 +1326,7 @@ class Worker:
                 if self.engine is not None:
                     self.engine.wake()
         elif isinstance(msg, LoadModel):
+            set_idle_priority(False)
             self._queue(msg)
 
     def _queue(self, item: Any) -> None:
@@ -1283,29 +1351,57 @@ class Worker:
                 log.exception("prepare thread error")
 
     def _load(self, msg: LoadModel) -> None:
-        if self.state is not None:
+        if self.loading or self.state is not None:
             self._send(Failed(id=0, kind="internal", message="this worker has a model loaded already"))
             return
+        self.loading = True
         log.info("loading %s (task %s) on %s, dtype %s", msg.path, msg.task, msg.device, msg.dtype)
         try:
             state, reply = load_model(msg, self.torch, self.transformers)
         except LoadError as e:
             log.error("load failed: %s", e)
-            self._send(Failed(id=0, kind="unavailable", message=str(e)))
+            self._load_failed(str(e))
             return
         except Exception as e:
             log.exception("load failed")
-            self._send(Failed(id=0, kind="unavailable", message=f"{type(e).__name__}: {e}"))
+            self._load_failed(f"{type(e).__name__}: {e}")
             return
         if msg.task in ENCODER_TASKS:
             engine: Engine = EncodeEngine(self.torch, state, self.out, msg.max_batch, msg.batch_wait_ms)
         else:
             engine = GenEngine(self.torch, self.transformers, state, self.out, msg.max_batch)
-        engine.start()
-        self.state, self.engine = state, engine
-        log.info("loaded in %.2fs: %d parameters, %s, %s, %d bytes",
-                 reply.load_s, reply.param_count, reply.device, reply.dtype, reply.memory_bytes)
-        self._send(reply)
+        self.threads = msg.threads
+        self._handoff = (engine, state, reply)
+        self._loaded.set()  # the main thread warms it up and serves it
+
+    def _load_failed(self, message: str) -> None:
+        self.loading = False
+        self._send(Failed(id=0, kind="unavailable", message=message))
+
+    def serve(self) -> None:
+        """The main thread: wait for a loaded model, warm it up, then run its engine forever."""
+        while True:
+            self._loaded.wait()
+            self._loaded.clear()
+            assert self._handoff is not None
+            engine, state, reply = self._handoff
+            self._handoff = None
+            if self.threads > 0 and state.device == "cpu":
+                self.torch.set_num_threads(self.threads)
+            t0 = time.perf_counter()
+            try:
+                engine.warm_up()
+            except Exception as e:
+                log.exception("warm-up failed")
+                self._load_failed(f"the model failed its first run: {type(e).__name__}: {e}")
+                continue
+            warm = time.perf_counter() - t0
+            reply = msgspec.structs.replace(reply, warmup_s=warm, load_s=reply.load_s + warm)
+            self.state, self.engine = state, engine
+            log.info("loaded in %.2fs: %d parameters, %s, %s, %d bytes",
+                     reply.load_s, reply.param_count, reply.device, reply.dtype, reply.memory_bytes)
+            self._send(reply)
+            engine.run()
 
     def _prepare(self, work: Work) -> None:
         state, engine = self.state, self.engine
@@ -1347,7 +1443,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fd", type=int, required=True, help="inherited socket to the runner")
     ap.add_argument("--parent", type=int, required=True, help="pid of the server that started us")
     ap.add_argument("--tag", default="", help="opaque: lets the server find its orphans")
+    ap.add_argument("--idle", action="store_true", help="a spare: warm up on idle CPU time only")
     args = ap.parse_args(argv)
+    if args.idle:
+        set_idle_priority(True)
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     level = os.environ.get("MODELIUM_WORKER_LOG_LEVEL", "INFO").upper()
@@ -1371,7 +1470,12 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         log.error("cannot greet the server (%s); exiting", e)
         _exit(1)
+    threading.Thread(target=read_frames, args=(chan, worker), name="frames", daemon=True).start()
+    worker.serve()
 
+
+def read_frames(chan: SyncChannel, worker: Worker) -> None:
+    """The thread that reads the server's frames; the process ends with the stream."""
     while True:
         try:
             msg = chan.recv()
