@@ -31,9 +31,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) bench/eventlog.py
 	$(PY) bench/analysis.py
 	$(PY) bench/coldstart.py
+	$(PY) bench/serving.py
+	$(PY) bench/peer.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -386,6 +386,7 @@ class Generation(_Msg, frozen=True, kw_only=True):
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = {}
     echo: bool = False  # completions: the prompt's text comes first
+    stream: bool = True  # text as it is generated; False: each choice's text in one frame at its end
 
 
 class Encode(_Msg, frozen=True, kw_only=True):

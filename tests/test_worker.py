@@ -258,6 +258,8 @@ def test_input_bounds_without_tokenising():
 
 
 async def test_generation_matches_transformers_and_batching_changes_nothing(models, nursery):
+    import msgspec
+
     backend = HFBackend(spares=1, tag="test-worker", env={"MODELIUM_WORKER_LOG_LEVEL": "DEBUG"})
     await nursery.start(backend.run)
     llama = Reference(models["llama"])
@@ -279,6 +281,11 @@ async def test_generation_matches_transformers_and_batching_changes_nothing(mode
     for n in (1, 5):
         assert (await run_on(w1, greedy(prompt, n))).as_tuple() == llama.completion(prompt, n)
 
+    # answered whole (not streamed): the same text, in one frame per choice
+    whole = await run_on(w1, greedy(prompt, 12, stream=False))
+    assert whole.as_tuple() == llama.completion(prompt, 12)
+    assert len([f for f in whole.frames if type(f).__name__ == "Token"]) == 1
+
     # stop strings: cut at the first one; count the tokens generated until it appeared
     _, gen = llama.tokens(prompt, 24)
     full = llama.text(gen)
@@ -289,6 +296,7 @@ async def test_generation_matches_transformers_and_batching_changes_nothing(mode
     assert r.text == full[: full.find(stop)] and r.finish[0] == "stop"
     assert r.completion_tokens == next(k for k in range(1, len(gen) + 1) if stop in llama.text(gen[:k]))
     stopped = r.as_tuple()
+    assert (await run_on(w1, msgspec.structs.replace(with_stop, stream=False))).as_tuple() == stopped
 
     # bad requests are answered as such (with the parameter), and the worker goes on
     cases = [(greedy("", 4), "bad_request", "prompt", "empty"),

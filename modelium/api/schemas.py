@@ -143,7 +143,7 @@ class CompletionRequest(_Sampling):
             raise _unsupported("prompt", "token ids are non-negative integers")
 
     def to_request(self, prompt: str | list[int]) -> Generation:
-        fields = self.common(self.max_tokens or 16)
+        fields = self.common(self.max_tokens or 16) | {"stream": bool(self.stream)}
         if isinstance(prompt, str):
             return Generation(prompt=prompt, echo=bool(self.echo), **fields)
         return Generation(prompt_ids=prompt, echo=bool(self.echo), **fields)
@@ -226,7 +226,7 @@ class ChatRequest(_Sampling):
     def to_request(self) -> Generation:
         msgs = [m.text(i) for i, m in enumerate(self.messages)]
         limit = self.max_completion_tokens or self.max_tokens or 0  # 0: what the context leaves
-        return Generation(messages=msgs, **self.common(limit))
+        return Generation(messages=msgs, stream=bool(self.stream), **self.common(limit))
 
 
 Inputs = str | list[str] | list[int] | list[list[int]]

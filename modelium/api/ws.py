@@ -94,9 +94,9 @@ def add_websocket_routes(app: Any, system: Any) -> None:
             body.check()
             if op == "completion":
                 prompts = body.prompts()
-                reqs = [body.to_request(p) for p in prompts]
+                reqs = [msgspec.structs.replace(body.to_request(p), stream=True) for p in prompts]
             else:
-                reqs = [body.to_request()]
+                reqs = [msgspec.structs.replace(body.to_request(), stream=True)]
             n = reqs[0].n
             calls = Calls(system, body.model, op, reqs, prefix="ws", per=n)
             finish = [None] * (len(reqs) * n)

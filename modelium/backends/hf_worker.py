@@ -470,6 +470,10 @@ class Detokenizer:
         self.sent += len(piece)
         return piece
 
+    def decode_all(self) -> str:
+        """The text of every id so far, in one decode (for a sequence nobody reads piece by piece)."""
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True) if self.ids else ""
+
     def flush(self) -> str:
         """At the end: what the stream still holds back (an incomplete character, decoded as
         the whole-sequence decode shows it)."""
@@ -538,12 +542,19 @@ class Row:
     frequency: float = 0.0
     bias: Any = None  # dense logit bias (a tensor) or None
     counts: Any = None  # dense counts of generated tokens (penalties) or None
+    streamed: bool = True  # its text goes out as it comes (else in one frame at the end)
+    pending: str = ""  # text kept for that one frame
     last: int = 0  # the token to feed next
     pos: int = 0  # its position
     produced: int = 0
     unsent: int = 0  # tokens produced since the last frame
     held: str = ""
     finish: str = ""
+
+    @property
+    def whole(self) -> bool:
+        """Answered in one piece and without stop strings: decoded once, at the end."""
+        return not self.streamed and not self.stops
 
 
 def validate_generation(req: Generation, state: Loaded) -> None:
@@ -617,7 +628,7 @@ def prepare_generation(work: Work, state: Loaded) -> None:
     work.rows = [Row(work=work, index=i, limit=limit, greedy=req.temperature < GREEDY_BELOW,
                      temperature=req.temperature, top_p=req.top_p, stops=stops,
                      detok=Detokenizer(state.tokenizer), presence=req.presence_penalty,
-                     frequency=req.frequency_penalty) for i in range(req.n)]
+                     frequency=req.frequency_penalty, streamed=req.stream) for i in range(req.n)]
     work.remaining = len(work.rows)
 
 
@@ -1051,6 +1062,12 @@ class GenEngine(Engine):
                 r.last = t
                 r.produced += 1
                 r.unsent += 1
+                if r.whole:  # nobody reads it token by token and no stop string: decode at the end
+                    if t not in eos:
+                        r.detok.ids.append(t)
+                    if t in eos or r.produced >= r.limit:
+                        self._emit(r, r.detok.decode_all(), "stop" if t in eos else "length")
+                    continue
                 if t in eos:  # not part of the text
                     piece, final = r.detok.flush(), "stop"
                 else:
@@ -1060,11 +1077,13 @@ class GenEngine(Engine):
                         piece += r.detok.flush()
                 text, r.held, stopped = scan_stops(r.held, piece, r.stops)
                 if stopped:
-                    self._emit(r, text, "stop")
+                    self._emit(r, r.pending + text, "stop")
                 elif final:
-                    self._emit(r, text + r.held, final)
-                elif text:
+                    self._emit(r, r.pending + text + r.held, final)
+                elif text and r.streamed:
                     self._emit(r, text, "")
+                elif text:
+                    r.pending += text  # answered whole: one frame at the end
         self._retire(cohort)
 
     def _emit(self, r: Row, text: str, finish: str) -> None:
