@@ -66,7 +66,7 @@ class Pending:
     model: str
     request_id: str
     seq: int
-    submit: Submit
+    submit: Submit | None  # None once finished
     arrived: float
     deadline: float
     queued: bool = True
@@ -251,8 +251,10 @@ class Router(Actor):
             except trio.WouldBlock:
                 self.nursery.start_soon(slot.runner.tell, infer)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                # the runner is gone and its RunnerGone is on its way: back to the queue
-                self._bounce(p)
+                # the runner is gone (its RunnerGone is on its way): forget it; back to the queue
+                if self.q.runners.get(model) is slot:
+                    del self.q.runners[model]
+                self._bounce(p, pump=False)
                 return
 
     def _finished(self, msg: Finished) -> None:
@@ -274,21 +276,29 @@ class Router(Actor):
         if slot is not None and slot.runner is p.runner:
             slot.inflight = max(0, slot.inflight - 1)
 
-    def _bounce(self, p: Pending) -> None:
-        """Back to the head of its queue (its runner went away before starting it)."""
+    def _bounce(self, p: Pending, *, pump: bool = True) -> None:
+        """Back to the head of its queue (its runner went away before starting it), unless it
+        was being cancelled or its time is up."""
         self.inflight.pop(p.request_id, None)
         self._release(p)
         p.runner = None
         p.dispatched_at = 0.0
-        if trio.current_time() >= p.deadline:
-            p.fail(ErrorKind.timeout, f"The request timed out after {p.submit.timeout_s:g} s")
-            self._finish(p, "timeout", error="deadline passed while its runner went away", kind=ErrorKind.timeout)
+        if p.cancelling or trio.current_time() >= p.deadline:
+            kind = p.cancelling or ErrorKind.timeout
+            if kind == "cancelled":
+                p.submit.sink.close()
+            else:
+                p.fail(kind, f"The request timed out after {p.submit.timeout_s:g} s" if kind == ErrorKind.timeout
+                       else "the request was stopped")
+            self._finish(p, STATUS_OF_CANCEL.get(kind, "cancelled"), error="ended while its runner went away",
+                         kind=kind)
             self._check_idle()
             return
         p.queued = True
         self.q.waiting.setdefault(p.model, deque()).appendleft(p)
         self.queued[p.request_id] = p
-        self._pump(p.model)
+        if pump:
+            self._pump(p.model)
 
     def _finish(self, p: Pending, status: str, *, error: str = "", kind: str = "", prompt_tokens: int = 0,
                 completion_tokens: int = 0, ttft_s: float = 0.0, worker_s: float = 0.0) -> None:
@@ -302,6 +312,7 @@ class Router(Actor):
             service_s=round(service_s, 6), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             error=error[:500], error_kind=str(kind) if status != "ok" else "", ttft_s=round(ttft_s, 6),
             worker_s=round(worker_s, 6)))
+        p.submit = None  # its deadline entry may linger in the heap: not its input (up to a body's size)
 
     def _check_idle(self) -> None:
         if not self.busy:

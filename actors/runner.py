@@ -221,7 +221,10 @@ class Runner(Actor):
                 if self.stopping:
                     self._tell_router(Finished(request_id=msg.request_id, bounced=True))
                 else:
-                    self.nursery.start_soon(self._serve, msg)
+                    # submitted and registered here, in mailbox order: a Cancel right behind it finds it
+                    entry = _InFlight(self.worker.submit(msg.request, msg.sink), trio.current_time())
+                    self.jobs[msg.request_id] = entry
+                    self.nursery.start_soon(self._serve, msg.request_id, entry)
             elif isinstance(msg, Cancel):
                 self._cancel(msg)
             else:
@@ -239,22 +242,20 @@ class Runner(Actor):
         frame = None if msg.kind == "cancelled" else Failed(kind=msg.kind, message=msg.reason)
         self.worker.cancel(entry.job, frame)
 
-    async def _serve(self, msg: Infer) -> None:
-        entry = _InFlight(self.worker.submit(msg.request, msg.sink), trio.current_time())
-        self.jobs[msg.request_id] = entry
+    async def _serve(self, request_id: str, entry: _InFlight) -> None:
         finished: Finished | None = None
         try:
             outcome = await entry.job.outcome()
-            finished = result_of(msg.request_id, outcome, entry.cancel_kind, entry.started)
+            finished = result_of(request_id, outcome, entry.cancel_kind, entry.started)
         finally:
-            del self.jobs[msg.request_id]
+            del self.jobs[request_id]
             if not self.jobs:
                 self._drained.set()
                 self._drained = trio.Event()
             if finished is None:  # the runner is going away under it
                 self.worker.cancel(entry.job, Failed(kind=ErrorKind.unavailable,
                                                      message=f"the model '{self.model}' stopped serving"))
-                finished = Finished(request_id=msg.request_id, status="error", error="the runner stopped",
+                finished = Finished(request_id=request_id, status="error", error="the runner stopped",
                                     error_kind=ErrorKind.unavailable)
             self._tell_router(finished)
 

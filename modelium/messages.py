@@ -380,7 +380,7 @@ class Generation(_Msg, frozen=True, kw_only=True):
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     stop: list[str] = []  # cut before the first of these (not included in the text)
-    seed: int | None = None  # choice i samples with seed + i: same seed, same output
+    seed: int | None = None  # same seed, same output (choice 0 uses it; others, seeds derived from it)
     n: int = 1  # choices
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -601,6 +601,7 @@ class Failed(_Msg, frozen=True, kw_only=True):
     message: str = ""
     param: str = ""
     retry_after: float = 0.0
+    detail: str = ""  # for the operator's log only (paths, exception text): never shown to clients
 
 
 class Shutdown(_Msg, frozen=True, kw_only=True):

@@ -318,3 +318,32 @@ async def test_router_bounds_queues_dispatches_to_runners_and_cancels(tmp_path, 
         assert router.busy == 0
         n.cancel_scope.cancel()
     log.close()
+
+
+async def test_a_runner_gone_without_notice_does_not_take_the_router_down(tmp_path, autojump_clock):
+    log, state = open_log(tmp_path)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        router = Supervisor(log.publish).start(n, Router(log, state))
+        log.publish(ModelDiscovered(model="a", spec=spec("a")))
+        gone = RecordingRunner()
+        gone._recv.close()  # its mailbox is closed (it stopped), and its RunnerGone is not there yet
+        m, recv = submit("a", "r1", timeout=60)
+        await router.ask(m)
+        await router.tell(RunnerReady(model="a", runner=gone, max_inflight=4))
+        await trio.sleep(0.1)
+        assert router.counts("a") == (1, 0)  # still waiting, the router alive
+        live = Supervisor(log.publish).start(n, RecordingRunner())
+        await router.tell(RunnerReady(model="a", runner=live, max_inflight=4))
+        await trio.sleep(0.1)
+        assert [x.request_id for x in live.got] == ["r1"]
+        # a request its client left while it bounced is finished, not served again
+        router.cancel("r1")
+        await trio.sleep(0.1)
+        await router.tell(Finished(request_id="r1", bounced=True))
+        await trio.sleep(0.1)
+        assert router.busy == 0 and [e.status for e in of(log, RequestFinished)] == ["cancelled"]
+        assert not of(log, ActorCrashed)
+        assert all(p.submit is None for _, _, p in router._deadlines)  # finished: no input kept
+        n.cancel_scope.cancel()
+    log.close()

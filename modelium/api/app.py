@@ -18,6 +18,7 @@ import json
 import os
 import time
 import uuid
+import weakref
 from array import array
 from base64 import b64encode
 from typing import Any
@@ -322,7 +323,10 @@ def create_app(system: Any) -> QuartTrio:
             finally:
                 calls.close()
 
-        resp = Response(body(), mimetype="text/event-stream",
+        stream_body = body()
+        # a client that leaves before the stream starts never runs the body's `finally`
+        weakref.finalize(stream_body, calls.close)
+        resp = Response(stream_body, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         resp.timeout = None
         return resp
@@ -479,9 +483,11 @@ def create_app(system: Any) -> QuartTrio:
                 params["max_tokens"] = body.max_tokens
             if body.messages is not None:
                 req = ChatRequest(messages=body.messages, **params)
+                req.check()
                 gen, kind = req.to_request(), "chat"
             else:
                 creq = CompletionRequest(prompt=body.prompt, **params)
+                creq.check()
                 gen, kind = creq.to_request(creq.prompts()[0]), "completion"
             calls = Calls(system, name, kind, [gen], prefix="predict", per=gen.n, tenant=tenant,
                           chars=[len(gen.prompt) + sum(len(m.content) for m in gen.messages)])

@@ -18,6 +18,11 @@ from modelium.messages import ChatMessage, Encode, Generation
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_N = 128
 MAX_INPUTS = 2048
+MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; bigger numbers cannot even travel to a worker
+
+
+def _token_ids_ok(ids: list[int]) -> bool:
+    return all(0 <= t <= MAX_TOKEN_ID for t in ids)
 
 
 def _unsupported(param: str, reason: str) -> ModeliumError:
@@ -66,8 +71,8 @@ class _Sampling(BaseModel):
         if len(v) > 300:
             raise ValueError("logit_bias takes at most 300 tokens")
         for k, b in v.items():
-            if not k.lstrip("-").isdigit() or int(k) < 0:
-                raise ValueError(f"logit_bias keys are token ids (non-negative integers); got {k!r}")
+            if not k.isdigit() or int(k) > MAX_TOKEN_ID:
+                raise ValueError(f"logit_bias keys are token ids (non-negative integers); got {k[:20]!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"logit_bias values are between -100 and 100; got {b} for token {k}")
         return v
@@ -139,8 +144,9 @@ class CompletionRequest(_Sampling):
             raise _unsupported("best_of", "best_of is not supported (only best_of equal to n)")
         if self.suffix:
             raise _unsupported("suffix", "suffix is not supported")
-        if any(isinstance(x, int) and x < 0 for x in (self.prompt if isinstance(self.prompt, list) else [])):
-            raise _unsupported("prompt", "token ids are non-negative integers")
+        for p in self.prompts():
+            if isinstance(p, list) and not _token_ids_ok(p):
+                raise _unsupported("prompt", "token ids are non-negative integers below 2**31")
 
     def to_request(self, prompt: str | list[int]) -> Generation:
         fields = self.common(self.max_tokens or 16) | {"stream": bool(self.stream)}
@@ -242,9 +248,15 @@ def _inputs(v: Inputs, param: str = "input") -> tuple[list[str], list[list[int]]
     if all(isinstance(x, str) for x in v):
         return list(v), []
     if all(isinstance(x, int) for x in v):
-        return [], [list(v)]
-    if all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in v):
-        return [], [list(x) for x in v]
+        ids = [list(v)]
+    elif all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in v):
+        ids = [list(x) for x in v]
+    else:
+        ids = None
+    if ids is not None:
+        if not all(_token_ids_ok(x) for x in ids):
+            raise _unsupported(param, "token ids are non-negative integers below 2**31")
+        return [], ids
     raise _unsupported(param, f"{param} is a string, a list of strings, a list of token ids, or a list "
                               "of lists of token ids")
 

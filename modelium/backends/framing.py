@@ -104,9 +104,8 @@ class SyncChannel:
         with self._write_lock:
             self.sock.sendall(data)
 
-    def send_many(self, msgs: list[Any]) -> None:
-        """Several frames in one write (a decode step's tokens for every sequence)."""
-        data = b"".join(encode_frame(m, max_frame=self.max_frame) for m in msgs)
+    def send_encoded(self, data: bytes) -> None:
+        """Frames already encoded with :func:`encode_frame` (several, joined), in one write."""
         with self._write_lock:
             self.sock.sendall(data)
 
@@ -160,8 +159,8 @@ class TrioChannel:
         async with self._send_lock:
             await self.stream.send_all(data)
 
-    async def send_many(self, msgs: list[Any]) -> None:
-        data = b"".join(encode_frame(m, max_frame=self.max_frame) for m in msgs)
+    async def send_encoded(self, data: bytes) -> None:
+        """Frames already encoded with :func:`encode_frame` (several, joined)."""
         async with self._send_lock:
             await self.stream.send_all(data)
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Literal
 import trio
 
 from modelium.backends.base import Outcome
-from modelium.backends.framing import FrameError, TrioChannel
+from modelium.backends.framing import FrameError, TrioChannel, encode_frame
 from modelium.backends.hf_worker import set_idle_priority
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.hardware import DeviceInfo
@@ -123,13 +123,14 @@ class _Slot:
 class HFJob:
     """One request in a worker: its frames go to ``sink``; ``outcome()`` waits for its end."""
 
-    __slots__ = ("id", "sink", "first_token_at", "client_gone", "terminal", "_done")
+    __slots__ = ("id", "sink", "first_token_at", "client_gone", "cancel_sent", "terminal", "_done")
 
     def __init__(self, id: int, sink: Any):
         self.id = id
         self.sink = sink
         self.first_token_at = 0.0
         self.client_gone = False  # the sink's reader went away (or was given its last frame)
+        self.cancel_sent = False
         self.terminal: Done | Encoded | Failed | None = None
         self._done = trio.Event()
 
@@ -271,7 +272,8 @@ class HFWorker:
                 self._kill()
 
     async def _write_frames(self) -> None:
-        """Jobs and cancels, in the order they were queued, several per write when they pile up."""
+        """Jobs and cancels, in the order they were queued, several per write when they pile up.
+        A frame that cannot be encoded (too big) fails its own job, never the worker."""
         async for frame in self._out_recv:
             frames = [frame]
             while True:
@@ -279,8 +281,20 @@ class HFWorker:
                     frames.append(self._out_recv.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
+            parts = []
+            for f in frames:
+                try:
+                    parts.append(encode_frame(f, max_frame=self._chan.max_frame))
+                except (FrameError, OverflowError, TypeError, ValueError) as e:
+                    log.error("worker %d: cannot send %s: %s", self.pid, type(f).__name__, e)
+                    job = self._jobs.pop(getattr(f, "id", -1), None) if isinstance(f, Job) else None
+                    if job is not None:
+                        job.end(Failed(id=job.id, kind=ErrorKind.too_large if isinstance(e, FrameError)
+                                       else ErrorKind.bad_request,
+                                       message="the request is too large to hand to the model's worker"
+                                       if isinstance(e, FrameError) else "the request holds a value out of range"))
             try:
-                await self._chan.send_many(frames)
+                await self._chan.send_encoded(b"".join(parts))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 self._lost = self._lost or f"connection lost: {e or type(e).__name__}"
                 return  # the exit watcher fails the jobs
@@ -291,7 +305,8 @@ class HFWorker:
             if job is not None:
                 if not job.first_token_at:
                     job.first_token_at = trio.current_time()
-                if not job.deliver(msg) and not job.ended:
+                if not job.deliver(msg) and not job.ended and not job.cancel_sent:
+                    job.cancel_sent = True
                     self._queue(CancelJob(id=msg.id))  # nobody reads it any more: stop it
                     job.close_sink()
         elif isinstance(msg, (Done, Encoded)) or (isinstance(msg, Failed) and msg.id):
@@ -300,10 +315,10 @@ class HFWorker:
                 job.end(msg)
         elif isinstance(msg, Failed):  # id 0: the load
             if self._load_slot is not None:
-                self._load_slot.fail(BackendError(msg.message, kind="load", public=(
-                    f"the model failed to load: {msg.message}" if msg.kind == "unavailable" else "")))
+                self._load_slot.fail(BackendError(msg.detail or msg.message, kind="load",
+                                                  public=f"the model failed to load: {msg.message}"))
             else:
-                log.warning("worker %d: error outside a load: %s", self.pid, msg.message)
+                log.warning("worker %d: error outside a load: %s", self.pid, msg.detail or msg.message)
         elif isinstance(msg, ModelLoaded):
             self.loaded = msg
             if self._load_slot is not None:
@@ -484,7 +499,9 @@ class HFWorker:
         if frame is not None:
             job.deliver(msgspec_replace_id(frame, job.id))
             job.close_sink()
-        self._queue(CancelJob(id=job.id))
+        if not job.cancel_sent:
+            job.cancel_sent = True
+            self._queue(CancelJob(id=job.id))
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Ask the worker to exit, SIGKILL it after ``grace_s``, and reap it. Idempotent."""

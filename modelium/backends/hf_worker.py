@@ -51,7 +51,7 @@ from typing import Any
 
 import msgspec
 
-from modelium.backends.framing import FrameError, SyncChannel
+from modelium.backends.framing import FrameError, SyncChannel, encode_frame
 from modelium.messages import (
     CancelJob,
     Done,
@@ -348,7 +348,7 @@ def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, M
     model_cls = _model_class(msg.task, transformers)
     path = Path(msg.path) / msg.subfolder if msg.subfolder else Path(msg.path)
     if not path.is_dir():
-        raise LoadError(f"model folder not found: {msg.path}")
+        raise LoadError("the model folder was not found (moved or deleted?)")
     device = parse_device(msg.device, torch)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
@@ -650,6 +650,16 @@ def prepare_encode(work: Work, state: Loaded) -> None:
             raise JobError(f"input {i} holds a token outside the model's vocabulary", param="input")
 
 
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of a request seeded with ``seed``: the seed itself for the
+    first choice, a hash of both for the others (so that no two (seed, choice) pairs share one)."""
+    if index == 0:
+        return seed
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest(), "little") >> 1
+
+
 class Sampler:
     """Picks each row's next token from its logits. Every sampled row draws from its own
     generator (seeded from the request's seed, or at random), so a row's tokens are a function
@@ -659,18 +669,24 @@ class Sampler:
         self.torch = torch
         self.state = state
 
-    def setup(self, row: Row, seed: int | None, bias: dict[int, float]) -> None:
+    def bias(self, bias: dict[int, float]) -> Any:
+        """A request's logit bias as one dense tensor (shared by its choices), or None."""
+        if not bias:
+            return None
+        b = self.torch.zeros(self.state.vocab_size, device=self.state.model.device)
+        for t, v in bias.items():
+            b[int(t)] = float(v)
+        return b
+
+    def setup(self, row: Row, seed: int | None, bias: Any) -> None:
         torch = self.torch
         dev = self.state.model.device
         if not row.greedy:
             g = torch.Generator(device=dev)
-            g.manual_seed(seed + row.index if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+            g.manual_seed(choice_seed(seed, row.index) if seed is not None
+                          else int.from_bytes(os.urandom(8), "little") >> 1)
             row.generator = g
-        if bias:
-            b = torch.zeros(self.state.vocab_size, device=dev)
-            for t, v in bias.items():
-                b[int(t)] = float(v)
-            row.bias = b
+        row.bias = bias
         if row.presence or row.frequency:
             row.counts = torch.zeros(self.state.vocab_size, device=dev)
 
@@ -871,8 +887,16 @@ class Outbox:
             return
         frames, self.frames = self.frames, []
         now = time.monotonic()
+        parts = []
+        for f in frames:
+            try:
+                parts.append(encode_frame(f, max_frame=self.chan.max_frame))
+            except FrameError as e:  # an answer too big for a frame: that job fails, not the worker
+                log.error("job %d: %s", f.id, e)
+                parts.append(encode_frame(Failed(id=f.id, kind="too_large", message=(
+                    "the answer is too large to send back; ask for fewer inputs at once"))))
         try:
-            self.chan.send_many(frames)
+            self.chan.send_encoded(b"".join(parts))
         except OSError as e:  # the server is gone: the frames thread sees EOF and exits
             log.warning("cannot send %d frame(s): %s", len(frames), e)
         if self.trace is not None:
@@ -944,6 +968,7 @@ class GenEngine(Engine):
         self.DynamicCache = transformers.DynamicCache
         self.sampler = Sampler(torch, state)
         self.cohorts: list[Cohort] = []
+        self.admitting: list[Work] = []  # taken from pending, being prefilled
         self.steps = 0
 
     def warm_up(self) -> None:
@@ -999,56 +1024,66 @@ class GenEngine(Engine):
                 self.end(w, Done(id=w.id, prompt_tokens=len(w.ids), completion_tokens=0,
                                  service_s=time.perf_counter() - w.arrived, cancelled=True))
         self._cancel_rows()
+        self.admitting = incoming
         for w in incoming:
             if w.cancelled:
                 self.end(w, Done(id=w.id, prompt_tokens=len(w.ids), completion_tokens=0,
                                  service_s=time.perf_counter() - w.arrived, cancelled=True))
                 continue
             self._admit(w)
+        self.admitting = []
         self.out.flush()
         if self.cohorts:
             self._step()
 
     def _admit(self, w: Work) -> None:
+        """Prefill a job and let it join the batch. Whatever goes wrong ends this job alone
+        (or, when it breaks the shared batch while joining it, the jobs of that batch too)."""
         req: Generation = w.request
-        for r in w.rows:
-            self.sampler.setup(r, req.seed, req.logit_bias)
-        if w.echo:
-            for r in w.rows:
-                self.out.put(Token(id=w.id, index=r.index, text=w.echo))
+        main = None
         try:
+            bias = self.sampler.bias(req.logit_bias)  # one tensor for all the job's choices
+            for r in w.rows:
+                self.sampler.setup(r, req.seed, bias)
+            if w.echo:
+                for r in w.rows:
+                    self.out.put(Token(id=w.id, index=r.index, text=w.echo))
             if self.state.seq2seq:
                 cohort, logits = Seq2SeqCohort.prefill(self, w)
             else:
                 cohort, logits = DecoderCohort.prefill(self, w)
+            self._advance(cohort, logits)
+            if not cohort.rows or all(r.finish for r in cohort.rows):
+                return
+            main = next((c for c in self.cohorts if c.mergeable), None)
+            if cohort.mergeable and main is not None:
+                log.debug("job %d joins a batch of %d sequence(s)", w.id, len(main.rows))
+                main.merge(cohort)  # the shared batch's caches change here, layer by layer
+            else:
+                main = None
+                self.cohorts.append(cohort)
         except Exception as e:
             log.exception("job %d: prefill failed", w.id)
             self._free_cuda()
             self.end(w, Failed(id=w.id, kind="internal", message=f"the model failed on this prompt ({type(e).__name__})"))
-            return
-        self._advance(cohort, logits)
-        if not cohort.rows or all(r.finish for r in cohort.rows):
-            return
-        main = next((c for c in self.cohorts if c.mergeable), None)
-        if cohort.mergeable and main is not None:
-            log.debug("job %d joins a batch of %d sequence(s)", w.id, len(main.rows))
-            main.merge(cohort)
-        else:
-            self.cohorts.append(cohort)
+            if main is not None:  # it failed while joining: the shared batch cannot be trusted
+                self._fail_cohort(main, e)
+
+    def _fail_cohort(self, cohort: Cohort, e: BaseException) -> None:
+        for w in {r.work for r in cohort.rows}:
+            self.end(w, Failed(id=w.id, kind="internal", message=f"the model failed while generating ({type(e).__name__})"))
+        if cohort in self.cohorts:
+            self.cohorts.remove(cohort)
+        cohort.rows = []
 
     def _step(self) -> None:
         for cohort in list(self.cohorts):
             try:
-                logits = cohort.step()
+                self._advance(cohort, cohort.step())
             except Exception as e:
                 log.exception("decode step failed")
                 self._free_cuda()
-                for w in {r.work for r in cohort.rows}:
-                    self.end(w, Failed(id=w.id, kind="internal",
-                                       message=f"the model failed while generating ({type(e).__name__})"))
-                self.cohorts.remove(cohort)
-                continue
-            self._advance(cohort, logits)
+                self._fail_cohort(cohort, e)
         self.steps += 1
 
     def _advance(self, cohort: Cohort, logits: Any) -> None:
@@ -1123,8 +1158,12 @@ class GenEngine(Engine):
                 self._retire(cohort)
 
     def fail_all(self, message: str) -> None:
-        works = {r.work for c in self.cohorts for r in c.rows}
-        self.cohorts = []
+        """A bug in the loop: every job it holds ends (none may wait for an answer forever)."""
+        works = {r.work for c in self.cohorts for r in c.rows} | set(self.admitting)
+        with self.cv:
+            works |= set(self.pending)
+            self.pending.clear()
+        self.cohorts, self.admitting = [], []
         for w in works:
             self.end(w, Failed(id=w.id, kind="internal", message=message))
         self._free_cuda()
@@ -1379,11 +1418,12 @@ class Worker:
             state, reply = load_model(msg, self.torch, self.transformers)
         except LoadError as e:
             log.error("load failed: %s", e)
-            self._load_failed(str(e))
+            self._load_failed(str(e), f"{e} ({msg.path})")
             return
         except Exception as e:
             log.exception("load failed")
-            self._load_failed(f"{type(e).__name__}: {e}")
+            self._load_failed(f"its files could not be loaded ({type(e).__name__}; the server log has the details)",
+                              f"{type(e).__name__}: {e}")
             return
         if msg.task in ENCODER_TASKS:
             engine: Engine = EncodeEngine(self.torch, state, self.out, msg.max_batch, msg.batch_wait_ms)
@@ -1393,9 +1433,10 @@ class Worker:
         self._handoff = (engine, state, reply)
         self._loaded.set()  # the main thread warms it up and serves it
 
-    def _load_failed(self, message: str) -> None:
+    def _load_failed(self, message: str, detail: str = "") -> None:
+        """``message`` is fit for clients (no paths); ``detail`` is for the operator."""
         self.loading = False
-        self._send(Failed(id=0, kind="unavailable", message=message))
+        self._send(Failed(id=0, kind="unavailable", message=message, detail=detail or message))
 
     def serve(self) -> None:
         """The main thread: wait for a loaded model, warm it up, then run its engine forever."""
@@ -1412,7 +1453,8 @@ class Worker:
                 engine.warm_up()
             except Exception as e:
                 log.exception("warm-up failed")
-                self._load_failed(f"the model failed its first run: {type(e).__name__}: {e}")
+                self._load_failed(f"its first run failed ({type(e).__name__}; the server log has the details)",
+                                  f"the model failed its first run: {type(e).__name__}: {e}")
                 continue
             warm = time.perf_counter() - t0
             reply = msgspec.structs.replace(reply, warmup_s=warm, load_s=reply.load_s + warm)
