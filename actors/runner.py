@@ -1,11 +1,18 @@
-"""Runners: one per loaded model, each owning one worker process and its in-flight requests.
+"""Runners: one per loaded model, each owning one worker (through its backend) and the
+requests in flight on it.
 
 :class:`Runners` is their supervisor and the brain's executor: it reads the brain's decisions
 from the log in order and carries them out one at a time (``Load``: reserve memory from the
-device's allocator, start a runner; ``Evict``: take the runner away from the router, let it
-drain, stop it; ``Reject``: tell the router to fail the model's waiting requests). Evictions are
-finished (memory released) before the next decision runs, so a load decided right after an
-eviction finds the memory it was promised.
+device's allocator, start a runner on the backend ``spec.backend`` names; ``Evict``: take the
+runner away from the router, let it drain, stop it; ``Reject``: tell the router to fail the
+model's waiting requests). Evictions are finished (memory released) before the next decision
+runs, so a load decided right after an eviction finds the memory it was promised.
+
+A runner submits each request the router hands it (``Infer``) to its worker; the request's
+frames go from the worker straight to the client's sink. When the request ends the runner tells
+the router (``Finished``: status, tokens, the worker's own time, time to first token). A
+``Cancel`` (client gone, deadline) stops the request in the worker; a stopping runner lets its
+requests finish for ``grace_s``, then ends them with the reason.
 
 A runner's last word is its terminal event (``LoadFailed``, ``Unloaded`` or ``WorkerCrashed``),
 published only after its worker is dead and its memory released, so that whatever the brain

@@ -1,17 +1,24 @@
-"""The transformers backend, trio side: worker processes, warm spares, multiplexed requests.
+"""The transformers backend, trio side: worker processes, warm spares, streamed requests.
 
 A model runs in its own worker process (:mod:`modelium.backends.hf_worker`), spoken to over a
 ``socketpair`` with the frames of :mod:`modelium.backends.framing`. :class:`HFBackend` keeps
 ``spares`` workers warm (spawned, torch and transformers imported, hello received) so that a
-load pays only for reading the weights; :meth:`HFBackend.acquire` hands one out.
+load pays only for reading the weights; :meth:`HFBackend.start` takes one and loads a model.
+Spares warm up on idle CPU time only, and a spare that was taken is replaced a moment later.
 
-Task ownership. Every worker has three helper tasks (frame reader, output pump, exit watcher).
-They run in the nursery of :meth:`HFBackend.run`: spares exist before any runner wants them, and
-a spare's hello must be read while nobody holds it, so the backend (which lives as long as the
-server) owns them; a runner never needs a nursery of its own for its worker. The helper tasks
-never raise (failures become the worker's exit reason), so one worker's trouble cannot cancel
-the backend. The runner owns the worker's *lifetime*: it calls :meth:`HFWorker.stop` (or uses
-``async with worker:``) when it is done; when ``run`` ends, every worker still alive is stopped.
+Requests. :meth:`HFWorker.submit` queues a ``Job`` frame and returns an :class:`HFJob` at once;
+the frame reader hands every frame of that job straight to the job's sink (the client's
+channel), so tokens never wait on a runner or the router. A sink whose reader has gone makes the
+reader cancel the job in the worker; :meth:`HFWorker.cancel` does so on request. A worker that
+dies ends all its jobs at once with a ``worker_crashed`` failure.
+
+Task ownership. Every worker has four helper tasks (frame reader, frame writer, output pump,
+exit watcher). They run in the nursery of :meth:`HFBackend.run`: spares exist before any runner
+wants them, and a spare's hello must be read while nobody holds it, so the backend (which lives
+as long as the server) owns them; a runner never needs a nursery of its own for its worker. The
+helper tasks never raise (failures become the worker's exit reason), so one worker's trouble
+cannot cancel the backend. The runner owns the worker's *lifetime*: it calls
+:meth:`HFWorker.stop` when it is done; when ``run`` ends, every worker still alive is stopped.
 
 Spawning. Workers are started with ``subprocess.Popen`` from the trio thread itself, not with
 ``trio.lowlevel.open_process``: trio forks from a cached worker thread that retires after 10 s
