@@ -210,7 +210,7 @@ def main() -> None:
         root = Path(tmp)
         models = root / "models"
         models.mkdir()
-        llama = write_tiny_model(models / "llama", "llama", seed=1, hidden=256, layers=4)
+        write_tiny_model(models / "llama", "llama", seed=1, hidden=256, layers=4)
         shutil.copytree(get_model_path(), models / "minilm")
         port, echo_port = free_port(), free_port()
         trace = root / "tokens.trace"

@@ -42,7 +42,7 @@ def http(server, route, body):
 
 
 async def test_interleaved_requests_a_cancel_and_a_malformed_frame_on_one_connection(server):
-    prompts = [f"Once upon a time {i}" for i in range(14)]
+    prompts = [f"Once upon a time {i}" for i in range(17)]  # with chat, embedding and the long one: 20
     want = {f"c{i}": http(server, "/v1/completions", {"model": "llama", "prompt": p, "max_tokens": 8 + i,
                                                       "temperature": 0})["choices"][0]["text"]
             for i, p in enumerate(prompts)}
