@@ -11,9 +11,9 @@ from typing import Any
 
 import trio
 
-from actors.core import Actor, Reply
+from actors.base import Actor, Reply
 from modelium.hardware import DeviceInfo, Ledger, sample_free
-from modelium.messages import DeviceRegistered, DeviceSampled, Granted, Refused, Release, Released, Reserve, Reserved
+from modelium.core.messages import DeviceRegistered, DeviceSampled, Granted, Refused, Release, Released, Reserve, Reserved
 from storage.eventlog import EventLog
 from storage.registry import State
 

@@ -8,9 +8,9 @@ therefore reproduces every decision it logged.
 
 from __future__ import annotations
 
-from actors.core import Actor
-from modelium.messages import BrainStarted
-from modelium.policies import Policy
+from actors.base import Actor
+from modelium.core.messages import BrainStarted
+from modelium.core.policies import Policy
 from storage.decider import Decider
 from storage.eventlog import EventLog
 from storage.registry import State

@@ -26,10 +26,10 @@ from typing import Any
 
 import trio
 
-from actors.core import Actor, Refusal, Reply
+from actors.base import Actor, Refusal, Reply
 from modelium.core import routing
 from modelium.core.errors import ErrorKind, ModeliumError
-from modelium.messages import (
+from modelium.core.messages import (
     Cancel,
     FailQueued,
     Failed,

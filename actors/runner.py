@@ -28,11 +28,11 @@ from typing import Any
 
 import trio
 
-from actors.core import Actor, Reply
+from actors.base import Actor, Reply
 from modelium.backends.base import Outcome
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.hardware import DeviceInfo
-from modelium.messages import (
+from modelium.core.messages import (
     Cancel,
     Done,
     Encoded,

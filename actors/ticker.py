@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import trio
 
-from actors.core import Actor
-from modelium.messages import Tick
+from actors.base import Actor
+from modelium.core.messages import Tick
 from storage.eventlog import EventLog
 
 

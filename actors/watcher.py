@@ -21,9 +21,9 @@ from pathlib import Path
 
 import trio
 
-from actors.core import Actor
-from modelium.analysis import AnalysisOptions, FolderState, Invalid, analyse, diff, scan_root
-from modelium.messages import ModelChanged, ModelDiscovered, ModelInvalid, ModelRemoved
+from actors.base import Actor
+from modelium.core.analysis import AnalysisOptions, FolderState, Invalid, analyse, diff, scan_root
+from modelium.core.messages import ModelChanged, ModelDiscovered, ModelInvalid, ModelRemoved
 from storage.eventlog import EventLog
 from storage.registry import State
 

@@ -1,4 +1,4 @@
-"""Benchmark of model discovery and analysis (modelium.analysis).
+"""Benchmark of model discovery and analysis (modelium.core.analysis).
 
     python bench/analysis.py [--folders 1000] [--shards 8] [--tensors 2000] [--runs 7]
 
@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modelium.analysis import AnalysisOptions, analyse, diff, scan_root  # noqa: E402
-from modelium.messages import ModelSpec  # noqa: E402
+from modelium.core.analysis import AnalysisOptions, analyse, diff, scan_root  # noqa: E402
+from modelium.core.messages import ModelSpec  # noqa: E402
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,

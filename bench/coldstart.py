@@ -21,11 +21,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modelium.analysis import analyse  # noqa: E402
+from modelium.core.analysis import analyse  # noqa: E402
 from modelium.backends.hf import HFBackend  # noqa: E402
 from modelium.demo import write_tiny_model  # noqa: E402
 from modelium.hardware import DeviceInfo  # noqa: E402
-from modelium.messages import Generation  # noqa: E402
+from modelium.core.messages import Generation  # noqa: E402
 
 CPU = DeviceInfo("cpu", "cpu", "CPU", 0, 0)
 

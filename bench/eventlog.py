@@ -25,7 +25,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modelium.messages import ModelDiscovered, ModelSpec, RequestArrived, RequestFinished  # noqa: E402
+from modelium.core.messages import ModelDiscovered, ModelSpec, RequestArrived, RequestFinished  # noqa: E402
 from storage.eventlog import EventLog, encode  # noqa: E402
 from storage.registry import State, apply  # noqa: E402
 from storage.snapshot import encode_state, rebuild, state_schema  # noqa: E402

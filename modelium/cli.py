@@ -21,7 +21,7 @@ from pathlib import Path
 
 import msgspec
 
-from modelium.config import ConfigError, load_settings
+from modelium.core.config import ConfigError, load_settings
 
 
 def _serve(args: argparse.Namespace) -> int:

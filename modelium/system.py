@@ -21,18 +21,18 @@ import trio
 import modelium
 from actors.allocator import Allocator
 from actors.brain import Brain
-from actors.core import Supervisor
+from actors.base import Supervisor
 from actors.router import Router
 from actors.runner import Runners
 from actors.ticker import Ticker
 from actors.watcher import Watcher
-from modelium.analysis import AnalysisOptions
+from modelium.core.analysis import AnalysisOptions
 from modelium.api.server import API_CLOSE_S, serve_http
 from modelium.backends import BACKENDS, backend_class
-from modelium.config import Settings
+from modelium.core.config import Settings
 from modelium.hardware import DeviceInfo, detect_devices
-from modelium.messages import RequestFinished, ServerStarted, ServerStopped, StopAdmitting
-from modelium.policies import make_policy
+from modelium.core.messages import RequestFinished, ServerStarted, ServerStopped, StopAdmitting
+from modelium.core.policies import make_policy
 from storage.eventlog import EventLog
 from storage.registry import State, apply
 from storage.snapshot import encode_state, rebuild, state_schema

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from modelium.messages import DECISIONS, BrainStarted, Decision, Event, RequestsRolledUp
-from modelium.policies import Policy
+from modelium.core.messages import DECISIONS, BrainStarted, Decision, Event, RequestsRolledUp
+from modelium.core.policies import Policy
 from storage.decider import Decider, policy_for
 
 

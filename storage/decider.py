@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from modelium.messages import DECISIONS, BrainStarted, Decision, Event
-from modelium.policies import Policy, make_policy
+from modelium.core.messages import DECISIONS, BrainStarted, Decision, Event
+from modelium.core.policies import Policy, make_policy
 from storage.registry import State, apply
 
 

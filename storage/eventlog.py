@@ -31,7 +31,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from modelium.messages import EVENT_TYPES, AnyEvent, Event, UnknownEvent, event_model
+from modelium.core.messages import EVENT_TYPES, AnyEvent, Event, UnknownEvent, event_model
 
 SCHEMA_VERSION = 1
 

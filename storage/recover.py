@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from modelium.messages import Event, UnknownEvent, event_model
+from modelium.core.messages import Event, UnknownEvent, event_model
 from storage.eventlog import _SCHEMA, _SNAPSHOTS, SCHEMA_VERSION, LogError, decode_row
 from storage.snapshot import decode_state, state_schema
 

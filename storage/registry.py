@@ -12,7 +12,7 @@ import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from modelium.messages import (
+from modelium.core.messages import (
     ActorCrashed,
     BrainStarted,
     DeviceRegistered,

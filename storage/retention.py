@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from modelium.messages import (
+from modelium.core.messages import (
     LATENCY_BUCKETS,
     REQUEST_STATUSES,
     Event,

@@ -32,8 +32,8 @@ from pathlib import Path
 import trio
 
 import modelium.system as system
-from modelium.config import Settings
-from modelium.messages import (
+from modelium.core.config import Settings
+from modelium.core.messages import (
     BrainStarted,
     DeviceRegistered,
     DeviceSampled,

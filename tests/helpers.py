@@ -1,6 +1,6 @@
 """Small builders shared by the pure tests (no event loop)."""
 
-from modelium.messages import (
+from modelium.core.messages import (
     DeviceRegistered,
     LoadCompleted,
     LoadStarted,
@@ -64,7 +64,7 @@ class Result:
     """What a request's frames add up to (the terminal frame, per-choice text and finish)."""
 
     def __init__(self, frames):
-        from modelium.messages import Done, Encoded, Failed, Token
+        from modelium.core.messages import Done, Encoded, Failed, Token
 
         self.frames = frames
         self.terminal = frames[-1] if frames else None
@@ -108,7 +108,7 @@ async def ask(router, model, request, *, rid, kind="completion", timeout=120.0):
     """Submit ``request`` to a running router and gather its frames (a refusal raises Refused)."""
     import trio
 
-    from modelium.messages import Submit
+    from modelium.core.messages import Submit
 
     send, recv = trio.open_memory_channel(float("inf"))
     await router.ask(Submit(model=model, request_id=rid, kind=kind, request=request, timeout_s=timeout, sink=send))

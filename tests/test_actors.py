@@ -7,10 +7,10 @@ import trio.testing
 from helpers import published, spec
 
 from actors.brain import Brain
-from actors.core import Actor, ActorDied, Escalation, Refusal, Supervisor
+from actors.base import Actor, ActorDied, Escalation, Refusal, Supervisor
 from actors.router import Refused, Router
 from actors.ticker import Ticker
-from modelium.messages import (
+from modelium.core.messages import (
     ActorCrashed,
     ActorGaveUp,
     ActorRestarted,
@@ -32,7 +32,7 @@ from modelium.messages import (
     RunnerReady,
     Submit,
 )
-from modelium.policies import LRUPolicy
+from modelium.core.policies import LRUPolicy
 from storage.eventlog import EventLog
 from storage.registry import State, apply
 

@@ -1,4 +1,4 @@
-"""modelium.analysis: model folder -> ModelSpec | Invalid, read from JSON files and safetensors
+"""modelium.core.analysis: model folder -> ModelSpec | Invalid, read from JSON files and safetensors
 headers only. Plain pytest (no event loop)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from modelium.analysis import (
+from modelium.core.analysis import (
     AnalysisOptions,
     FolderState,
     Invalid,
@@ -29,7 +29,7 @@ from modelium.analysis import (
     scan_root,
 )
 from modelium.demo import write_tiny_model
-from modelium.messages import ModelSpec
+from modelium.core.messages import ModelSpec
 
 OVERHEAD = AnalysisOptions().runtime_overhead_bytes
 
@@ -570,7 +570,7 @@ def test_invalid_is_a_msgspec_struct_and_spec_roundtrips(tiny):
 
 
 def test_analysis_imports_nothing_heavy():
-    code = ("import sys, modelium.analysis; "
+    code = ("import sys, modelium.core.analysis; "
             "bad = [m for m in ('torch', 'transformers', 'trio', 'sqlite3', 'numpy', 'safetensors')"
             " if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

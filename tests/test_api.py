@@ -5,8 +5,8 @@ parameter at fault."""
 import pytest
 
 from modelium.api.app import create_app
-from modelium.config import Settings
-from modelium.messages import ModelDiscovered
+from modelium.core.config import Settings
+from modelium.core.messages import ModelDiscovered
 from modelium.system import run_system
 
 

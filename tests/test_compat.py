@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import trio
 
-from modelium.messages import EVENT_TYPES, LoadCompleted, UnknownEvent
+from modelium.core.messages import EVENT_TYPES, LoadCompleted, UnknownEvent
 from replay.incident import replay_decisions
 from storage import eventlog
 from storage.eventlog import EventLog, read_events
@@ -62,7 +62,7 @@ def test_the_old_log_rebuilds_from_its_snapshot_and_takes_new_events(old_log):
         log = EventLog(old_log)
         async with trio.open_nursery() as n:
             await n.start(log.run)
-            from modelium.messages import ServerStarted
+            from modelium.core.messages import ServerStarted
 
             assert log.publish(ServerStarted(pid=1)) == 52
             await log.flush()

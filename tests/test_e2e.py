@@ -13,7 +13,7 @@ import openai
 import pytest
 from conftest import NO_EOS, copy_model, worker_pids
 
-from modelium.messages import (
+from modelium.core.messages import (
     Evict,
     Load,
     LoadCompleted,

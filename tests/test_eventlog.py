@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 import trio
 
-from modelium.messages import ModelRemoved, RequestArrived, ServerStarted, Tick
+from modelium.core.messages import ModelRemoved, RequestArrived, ServerStarted, Tick
 from storage.eventlog import EventLog, LogError, read_events
 
 

@@ -6,7 +6,7 @@ import pytest
 from modelium.hardware import detect_devices, sample_free
 from helpers import run_on
 
-from modelium.messages import Generation
+from modelium.core.messages import Generation
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +39,7 @@ def test_nvml_reports_every_gpu_with_its_memory():
 async def test_a_worker_loads_and_generates_on_the_gpu(tiny_llama, nursery):
     from modelium.backends.hf import HFBackend
 
-    from modelium.analysis import analyse
+    from modelium.core.analysis import analyse
     from modelium.hardware import detect_devices
 
     backend = HFBackend(spares=0)

@@ -15,7 +15,7 @@ import openai
 import pytest
 from conftest import NO_EOS, Server, copy_model
 
-from modelium.messages import RequestFinished
+from modelium.core.messages import RequestFinished
 from storage.eventlog import read_events
 
 pytestmark = pytest.mark.slow

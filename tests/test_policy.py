@@ -4,8 +4,8 @@ import msgspec
 import pytest
 from helpers import MiB, Script, spec
 
-from modelium.messages import Evict, Load, LoadFailed, ModelChanged, ModelRemoved, Reject, Tick
-from modelium.policies import LRUPolicy, UnknownPolicy, make_policy
+from modelium.core.messages import Evict, Load, LoadFailed, ModelChanged, ModelRemoved, Reject, Tick
+from modelium.core.policies import LRUPolicy, UnknownPolicy, make_policy
 from storage.registry import fold
 
 
@@ -137,7 +137,7 @@ def test_policies_are_built_by_name_with_settings():
 
 
 def test_requests_waiting_on_a_model_that_is_removed_or_becomes_invalid_are_rejected():
-    from modelium.messages import ModelInvalid
+    from modelium.core.messages import ModelInvalid
 
     s = Script()
     s.device()
@@ -160,7 +160,7 @@ def test_requests_waiting_on_a_model_that_is_removed_or_becomes_invalid_are_reje
 
 
 def test_a_model_whose_worker_keeps_crashing_is_rejected_for_a_while():
-    from modelium.messages import WorkerCrashed
+    from modelium.core.messages import WorkerCrashed
 
     s = Script()
     s.device()

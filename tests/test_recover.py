@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from modelium.messages import (
+from modelium.core.messages import (
     Evict,
     Load,
     MemoryEstimate,

@@ -2,7 +2,7 @@
 
 from helpers import MiB, Script, spec
 
-from modelium.messages import (
+from modelium.core.messages import (
     Evict,
     Load,
     LoadFailed,

@@ -3,7 +3,7 @@
 import msgspec
 from helpers import MiB, Script
 
-from modelium.messages import BrainStarted, Evict, Load, Released, Reserved, ServerStarted, Tick, Unloaded
+from modelium.core.messages import BrainStarted, Evict, Load, Released, Reserved, ServerStarted, Tick, Unloaded
 from replay.incident import replay_decisions
 from storage.decider import Decider
 
@@ -99,7 +99,7 @@ def test_decisions_missing_at_the_end_of_a_log_are_unconfirmed_not_mismatched():
 
 
 def test_after_retention_decisions_past_the_horizon_still_replay_exactly():
-    from modelium.messages import RequestArrived, RequestFinished
+    from modelium.core.messages import RequestArrived, RequestFinished
     from storage.retention import plan_rollup
 
     s, _ = traffic_log()
@@ -117,7 +117,7 @@ def test_after_retention_decisions_past_the_horizon_still_replay_exactly():
 def test_replay_after_retention_with_a_tick_while_a_request_was_open():
     """Inside the rolled-up range the view cannot be what the brain saw (open requests are gone):
     the logged decisions are taken there, and everything past the horizon is compared exactly."""
-    from modelium.messages import RequestArrived, RequestFinished
+    from modelium.core.messages import RequestArrived, RequestFinished
     from storage.retention import plan_rollup
 
     s = Script()

@@ -4,7 +4,7 @@ import pytest
 import trio
 from helpers import MiB, spec
 
-from modelium.messages import (
+from modelium.core.messages import (
     DeviceRegistered,
     Evict,
     Load,

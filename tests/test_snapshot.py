@@ -5,7 +5,7 @@ import sqlite3
 import trio
 from helpers import spec
 
-from modelium.messages import ModelDiscovered, RequestArrived, RequestFinished
+from modelium.core.messages import ModelDiscovered, RequestArrived, RequestFinished
 from storage.eventlog import EventLog, read_events
 from storage.registry import State, apply, fold
 from storage.snapshot import encode_state, rebuild, state_schema

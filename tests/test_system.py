@@ -10,10 +10,10 @@ import trio
 from helpers import Result, published
 from helpers import ask as ask_router
 
-from actors.core import ActorDied
+from actors.base import ActorDied
 from actors.router import Refused
-from modelium.config import Settings
-from modelium.messages import (
+from modelium.core.config import Settings
+from modelium.core.messages import (
     ActorCrashed,
     Generation,
     LoadCompleted,

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from actors.watcher import READY_MARKER, Watcher
-from modelium.messages import ModelChanged, ModelDiscovered, ModelInvalid, ModelRemoved
+from modelium.core.messages import ModelChanged, ModelDiscovered, ModelInvalid, ModelRemoved
 from storage.eventlog import EventLog
 from storage.registry import State, apply
 
@@ -156,7 +156,7 @@ async def test_a_restarted_watcher_does_not_rediscover(tmp_path, roots, tiny_lla
 
 
 def test_model_names_cannot_travel_through_urls():
-    from modelium.analysis import sanitize_name
+    from modelium.core.analysis import sanitize_name
 
     for bad in ("..", "../etc", "a/b", "a\\b", ".hidden", "x" * 129, "sp ace", "semi;colon"):
         assert sanitize_name(bad) is None

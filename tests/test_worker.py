@@ -23,11 +23,11 @@ import trio.testing
 
 from helpers import run_on
 
-from modelium.analysis import analyse
+from modelium.core.analysis import analyse
 from modelium.backends.framing import HEADER, FrameError, SyncChannel, TrioChannel, encode_frame
 from modelium.backends.hf import BackendError, HFBackend
 from modelium.hardware import DeviceInfo
-from modelium.messages import ChatMessage, Encode, FromWorker, Generation, Job, ToWorker, WorkerHello
+from modelium.core.messages import ChatMessage, Encode, FromWorker, Generation, Job, ToWorker, WorkerHello
 
 CPU = DeviceInfo("cpu", "cpu", "CPU", 8 * 2**30, 4 * 2**30)
 
@@ -664,7 +664,7 @@ async def test_custom_code_runs_only_when_the_model_is_trusted(models, tmp_path,
 
     import msgspec
 
-    from modelium.analysis import AnalysisOptions, Invalid
+    from modelium.core.analysis import AnalysisOptions, Invalid
 
     folder = tmp_path / "custom"
     shutil.copytree(models["llama"], folder)
@@ -701,7 +701,7 @@ def test_a_failure_inside_the_engine_ends_that_job_alone_and_no_job_is_left_with
     import socket as sk
 
     from modelium.backends import hf_worker as hw
-    from modelium.messages import Done, Failed, ToWorker
+    from modelium.core.messages import Done, Failed, ToWorker
 
     torch, tf = hw._import_libraries()
     state, _ = hw.load_model(HFBackend(spares=0).load_message(analyse(models["llama"]), CPU), torch, tf)

@@ -31,13 +31,13 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 import modelium
-from actors.core import ActorDied
+from actors.base import ActorDied
 from actors.router import Refused
 from modelium.api.errors import error_body, error_response, validation_error
 from modelium.api.limits import BodyLimit
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, PredictBody
 from modelium.core.errors import ErrorKind, ModeliumError
-from modelium.messages import Done, Encode, Encoded, Failed, Submit, Token
+from modelium.core.messages import Done, Encode, Encoded, Failed, Submit, Token
 
 _json = msgspec.json.Encoder()
 

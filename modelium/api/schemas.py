@@ -2,8 +2,8 @@
 
 Every parameter OpenAI's API defines is either honoured or, when set to something Modelium does
 not do, refused with a 400 that names it; a parameter nobody defines is refused the same way.
-The ``to_request`` methods turn a body into the worker's :class:`~modelium.messages.Generation`
-or :class:`~modelium.messages.Encode`.
+The ``to_request`` methods turn a body into the worker's :class:`~modelium.core.messages.Generation`
+or :class:`~modelium.core.messages.Encode`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modelium.core.errors import ErrorKind, ModeliumError
-from modelium.messages import ChatMessage, Encode, Generation
+from modelium.core.messages import ChatMessage, Encode, Generation
 
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_N = 128

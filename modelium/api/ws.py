@@ -34,7 +34,7 @@ from quart import websocket
 from modelium.api.errors import error_body, validation_error
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest
 from modelium.core.errors import ErrorKind, ModeliumError
-from modelium.messages import Done, Failed, Token
+from modelium.core.messages import Done, Failed, Token
 
 _json = msgspec.json.Encoder()
 OPS = {"completion": CompletionRequest, "chat": ChatRequest, "embedding": EmbeddingRequest,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from modelium.hardware import DeviceInfo
-from modelium.messages import Done, Encoded, Failed, InferRequest, ModelLoaded, ModelSpec
+from modelium.core.messages import Done, Encoded, Failed, InferRequest, ModelLoaded, ModelSpec
 
 
 @dataclass

@@ -43,7 +43,7 @@ from modelium.backends.framing import FrameError, TrioChannel, encode_frame
 from modelium.backends.hf_worker import set_idle_priority
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.hardware import DeviceInfo
-from modelium.messages import (
+from modelium.core.messages import (
     CancelJob,
     Done,
     Encoded,

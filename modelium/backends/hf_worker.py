@@ -52,7 +52,7 @@ from typing import Any
 import msgspec
 
 from modelium.backends.framing import FrameError, SyncChannel, encode_frame
-from modelium.messages import (
+from modelium.core.messages import (
     CancelJob,
     Done,
     Encode,

@@ -1,7 +1,7 @@
 """Model discovery and analysis: a model folder -> :class:`ModelSpec` | :class:`Invalid`.
 
 Layer 1, pure: standard library, ``msgspec``, PyYAML (``yaml.safe_load`` for model-card front
-matter) and :mod:`modelium.messages` only. Nothing here imports torch, transformers, trio or
+matter) and :mod:`modelium.core.messages` only. Nothing here imports torch, transformers, trio or
 sqlite, and nothing loads weights: a safetensors file is read up to its header (an 8-byte
 little-endian length, then a JSON object naming each tensor's dtype, shape and byte range), so
 the analysis of a 100 GB checkpoint reads a few megabytes.
@@ -40,7 +40,7 @@ from typing import Annotated, Any, Mapping, NamedTuple
 import msgspec
 import yaml
 
-from modelium.messages import MemoryEstimate, ModelSpec
+from modelium.core.messages import MemoryEstimate, ModelSpec
 
 __all__ = [
     "Invalid", "AnalysisOptions", "FolderState", "sanitize_name", "fingerprint", "scan_root",

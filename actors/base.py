@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from modelium.messages import ActorCrashed, ActorGaveUp, ActorRestarted
+from modelium.core.messages import ActorCrashed, ActorGaveUp, ActorRestarted
 
 log = logging.getLogger("modelium.actors")
 

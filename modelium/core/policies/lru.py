@@ -21,8 +21,8 @@ from typing import Any
 
 from modelium.core.errors import ErrorKind
 from modelium.hardware import format_bytes
-from modelium.messages import Event, Tick
-from modelium.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needed_bytes
+from modelium.core.messages import Event, Tick
+from modelium.core.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needed_bytes
 
 
 class LRUPolicy:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelium.policies.base import ClusterView, Policy
-from modelium.policies.lru import LRUPolicy
+from modelium.core.policies.base import ClusterView, Policy
+from modelium.core.policies.lru import LRUPolicy
 
 POLICIES: dict[str, type] = {LRUPolicy.name: LRUPolicy}
 

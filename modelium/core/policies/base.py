@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from modelium.messages import Decision, Evict, Event, Load, ModelSpec, Reject
+from modelium.core.messages import Decision, Evict, Event, Load, ModelSpec, Reject
 
 __all__ = ["ClusterView", "Decision", "DeviceView", "Evict", "Load", "ModelView", "Policy", "Reject",
            "needed_bytes"]
