@@ -8,15 +8,19 @@ therefore reproduces every decision it logged.
 
 from __future__ import annotations
 
-from actors.base import Actor
+from actors.base import Service
 from modelium.core.messages import BrainStarted
 from modelium.core.policies import Policy
 from storage.decider import Decider
+from storage.errors import FoldError
 from storage.eventlog import EventLog
 from storage.registry import State
 
 
-class Brain(Actor):
+class Brain(Service):
+    """Takes no messages: it reads the log and publishes its decisions. Its fold failing on an
+    event (:class:`FoldError`, naming the seq) stops it, and a restart would not mend it."""
+
     name = "brain"
 
     def __init__(self, log: EventLog, registry: State, policy: Policy):
@@ -26,18 +30,19 @@ class Brain(Actor):
         self.policy = policy
         self.decisions = 0
 
-    async def background(self) -> None:
+    async def main(self) -> None:
         seq = self.log.publish(BrainStarted(policy=self.policy.name, settings=self.policy.settings))
         # the live registry is folded inside publish, so right now it is the fold through `seq`
         decider = Decider.resume(self.registry, self.policy)
         sub = self.log.subscribe(since=seq)
         try:
             async for seq, event in sub:
-                for decision in decider.feed(seq, event):
+                try:
+                    decisions = decider.feed(seq, event)
+                except Exception as exc:  # noqa: BLE001 - raised again, naming the event
+                    raise FoldError("the brain", seq, type(event).__name__, exc) from exc
+                for decision in decisions:
                     self.log.publish(decision)
                     self.decisions += 1
         finally:
             sub.close()
-
-    async def handle(self, msg, reply):
-        raise TypeError(f"the brain takes no messages ({type(msg).__name__})")

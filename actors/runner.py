@@ -2,11 +2,12 @@
 requests in flight on it.
 
 :class:`Runners` is their supervisor and the brain's executor: it reads the brain's decisions
-from the log in order and carries them out one at a time (``Load``: reserve memory from the
-device's allocator, start a runner on the backend ``spec.backend`` names; ``Evict``: take the
-runner away from the router, let it drain, stop it; ``Reject``: tell the router to fail the
-model's waiting requests). Evictions are finished (memory released) before the next decision
-runs, so a load decided right after an eviction finds the memory it was promised.
+from the log in order and carries them out (``Load``: reserve memory from the device's
+allocator, start a runner on the backend ``spec.backend`` names; ``Evict``: take the runner away
+from the router, let it drain, stop it; ``Reject``: tell the router to fail the model's waiting
+requests). The order is :mod:`modelium.core.execution`'s: per device, in log order, and a
+decision on a device waits while an eviction there drains (so a load decided right after an
+eviction finds the memory it was promised); devices never wait for each other.
 
 A runner submits each request the router hands it (``Infer``) to its worker; the request's
 frames go from the worker straight to the client's sink. When the request ends the runner tells
@@ -28,9 +29,10 @@ from typing import Any
 
 import trio
 
-from actors.base import Actor, Reply
+from actors.base import Actor, Reply, Service
 from modelium.backends.base import Outcome
 from modelium.core.errors import ErrorKind, ModeliumError
+from modelium.core.execution import Execution, device_of
 from modelium.hardware import DeviceInfo
 from modelium.core.messages import (
     Cancel,
@@ -213,17 +215,17 @@ class Runner(Actor):
         queues them again), and make later messages fail at once."""
         while True:
             try:
-                msg, reply = self._recv.receive_nowait()
+                msg, reply = self.mailbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
             if isinstance(msg, Infer):
                 self._tell_router(Finished(request_id=msg.request_id, bounced=True))
             if reply is not None:
                 reply.fail(ModeliumError(ErrorKind.unavailable, f"model {self.model} is no longer served here"))
-        self._recv.close()
+        self.mailbox.close()
 
     async def _mailbox(self) -> None:
-        async for msg, reply in self._recv:
+        async for msg, reply in self.mailbox:
             if isinstance(msg, Infer):
                 if self.stopping:
                     self._tell_router(Finished(request_id=msg.request_id, bounced=True))
@@ -285,7 +287,7 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-class Runners(Actor):
+class Runners(Service):
     """The runner supervisor and the executor of the brain's decisions."""
 
     name = "runners"
@@ -309,23 +311,37 @@ class Runners(Actor):
         # server stopping cancels them, and each kills its worker on the way out
         self._runner_nursery = runner_nursery
 
-    async def background(self) -> None:
+    async def main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery  # evictions drain here, beside the reading of decisions
+            await self._execute_decisions()
+
+    async def _execute_decisions(self) -> None:
+        # the order rule is core.execution's: per device, in log order; an eviction holds up its
+        # own device only, while it drains
+        self.execution = Execution()
+        self.seen = self.executed
         sub = self.log.subscribe(since=self.executed, types=["Load", "Evict", "Reject"])
         try:
             async for seq, decision in sub:
-                await self.execute(decision)
-                self.executed = seq
+                self.seen = seq
+                device = device_of(decision, self.registry.models)
+                for _, d in self.execution.submit(seq, decision, device):
+                    await self.execute(d, device)
+                self._mark_executed()
         finally:
             sub.close()
 
-    async def handle(self, msg, reply):
-        raise TypeError(f"runners take no messages ({type(msg).__name__})")
+    def _mark_executed(self) -> None:
+        """Decisions up to ``executed`` have all started (a restarted executor resumes after it)."""
+        oldest = self.execution.oldest_waiting()
+        self.executed = self.seen if oldest is None else oldest - 1
 
-    async def execute(self, d) -> None:
+    async def execute(self, d, device: str | None) -> None:
         if isinstance(d, Load):
             await self._load(d)
         elif isinstance(d, Evict):
-            await self._evict(d)
+            self.nursery.start_soon(self._evict, d, device)
         elif isinstance(d, Reject):
             await self.router.tell(FailQueued(model=d.model, reason=d.reason, through=d.through, kind=d.kind))
 
@@ -373,10 +389,13 @@ class Runners(Actor):
         if terminal is not None:
             self.log.publish(terminal)
 
-    async def _evict(self, d: Evict) -> None:
+    async def _evict(self, d: Evict, device: str | None) -> None:
         runner = self.runners.get(d.model)
-        if runner is None:
-            return
-        await self.router.tell(RunnerGone(model=d.model, runner=runner))
-        runner.request_stop(d.reason)
-        await runner.done.wait()
+        if runner is not None:
+            await self.router.tell(RunnerGone(model=d.model, runner=runner))
+            runner.request_stop(d.reason)
+            await runner.done.wait()  # its memory is released: what waited on this device runs
+        if device is not None:
+            for _, nxt in self.execution.evicted(device):
+                await self.execute(nxt, device)
+            self._mark_executed()

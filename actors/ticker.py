@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import trio
 
-from actors.base import Actor
+from actors.base import Service
 from modelium.core.messages import Tick
 from storage.eventlog import EventLog
 
 
-class Ticker(Actor):
+class Ticker(Service):
     name = "ticker"
 
     def __init__(self, log: EventLog, interval_s: float):
@@ -18,10 +18,7 @@ class Ticker(Actor):
         self.log = log
         self.interval_s = interval_s
 
-    async def background(self) -> None:
+    async def main(self) -> None:
         while True:
             await trio.sleep(self.interval_s)
             self.log.publish(Tick())
-
-    async def handle(self, msg, reply):
-        raise TypeError(f"the ticker takes no messages ({type(msg).__name__})")

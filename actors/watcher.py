@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from actors.base import Actor
+from actors.base import Service
 from modelium.core.analysis import AnalysisOptions, FolderState, Invalid, analyse, diff, scan_root
 from modelium.core.messages import ModelChanged, ModelDiscovered, ModelInvalid, ModelRemoved
 from storage.eventlog import EventLog
@@ -46,7 +46,7 @@ def scan_roots(roots: list[Path]) -> tuple[dict[str, FolderState], dict[str, Pat
     return found, root_of
 
 
-class Watcher(Actor):
+class Watcher(Service):
     name = "watcher"
 
     def __init__(self, log: EventLog, registry: State, roots: list[Path], *, interval_s: float = 2.0,
@@ -67,13 +67,10 @@ class Watcher(Actor):
         self.seen = {}
         self.scans = 0
 
-    async def background(self) -> None:
+    async def main(self) -> None:
         while True:
             await self.scan_once()
             await trio.sleep(self.interval_s)
-
-    async def handle(self, msg, reply):
-        raise TypeError(f"the watcher takes no messages ({type(msg).__name__})")
 
     async def scan_once(self) -> None:
         found, root_of = await trio.to_thread.run_sync(scan_roots, self.roots)

@@ -54,8 +54,7 @@ async def measure(models: dict[str, Path], rounds: int) -> None:
                         await trio.sleep(0.5)
                     t0 = time.perf_counter()
                     if mode == "cold":
-                        worker = backend._spawn()
-                        await worker.wait_hello(180)
+                        worker = await backend.spawn()
                     else:
                         worker = await backend.acquire()
                     t1 = time.perf_counter()

@@ -2,7 +2,8 @@
 
   modelium serve [--models DIR] [--db FILE] [--host H] [--port P] [--config FILE] ...
   modelium demo-model DIR [--family llama|gpt2|bert-cls|t5]
-  modelium replay DB [--json]
+  modelium replay [incident] DB [--json]
+  modelium replay simulate WORKLOAD [--policy lru,belady] [--devices 80GiB,80GiB] [--json] [--plot F]
   modelium events [DB] [--since N] [--follow] [--type T] [--model M] [--limit N] [--json]
   modelium db check|recover [DB] [--out FILE]
 """
@@ -126,6 +127,117 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _param(text: str) -> tuple[str, object]:
+    """``name=value``: a number, ``inf``, ``true``/``false`` or a string."""
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"--param takes name=value, not {text!r}")
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return name.strip(), low == "true"
+    try:
+        return name.strip(), int(value) if low.lstrip("-").isdigit() else float(value)
+    except ValueError:
+        return name.strip(), value
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from modelium.core.policies import POLICIES
+    from replay import report as rep
+    from replay.metrics import summarize
+    from replay.simulator import Config, SimulationError, parse_devices, simulate
+    from replay.workloads import WorkloadError, fit_times, load
+    from storage.eventlog import LogError, read_events
+
+    def fail(msg: str) -> int:
+        print(f"modelium: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        kw: dict = {}
+        if args.from_log:
+            kw.update(from_log=True, since=args.since, until=args.until)
+        elif args.workload.startswith("azure:"):
+            kw.update(models=args.models, zipf=args.zipf, seed=args.seed)
+        elif args.workload.startswith("synthetic:"):
+            kw.update(models=args.models, zipf=args.zipf, seed=args.seed, requests=args.requests, rate=args.rate)
+        elif args.skip_bad:
+            kw.update(skip_bad=True)
+        workload = load(args.workload, **kw)
+        if args.fit:
+            workload = fit_times(args.fit).fill(workload)
+        if args.devices:
+            devices = parse_devices(args.devices)
+        elif args.from_log:
+            devices = {e.device: e.budget_bytes for _, e in read_events(args.workload, types=["DeviceRegistered"])}
+            if not devices:
+                return fail(f"{args.workload} registers no device: give --devices")
+        else:
+            return fail("give the devices to simulate, e.g. --devices 80GiB,80GiB or --devices gpu:0=24GiB,cpu=64GiB")
+        names = [p.strip() for p in args.policy.split(",") if p.strip()] if args.policy else [
+            load_settings(config_file=args.config).policy]
+        unknown = [n for n in names if n not in POLICIES]
+        if unknown:
+            return fail(f"unknown policy {unknown[0]!r}; known: {', '.join(sorted(POLICIES))}")
+        params = dict(args.param or [])
+        model_bytes = None
+        if args.model_bytes:
+            from modelium.hardware import parse_bytes
+
+            model_bytes = parse_bytes(args.model_bytes)
+    except (WorkloadError, SimulationError, LogError, ConfigError, ValueError) as e:
+        return fail(str(e))
+
+    results, summaries = {}, {}
+    for name in names:
+        import inspect
+
+        accepted = set(inspect.signature(POLICIES[name]).parameters)
+        mine = {k: v for k, v in params.items() if k in accepted}
+        config = Config(devices=devices, policy=name, params=mine, model_bytes=model_bytes, load_s=args.load_s,
+                        service_s=args.service_s, tick_s=args.tick_s)
+        bar = None
+        if sys.stderr.isatty() and not args.json:
+            from tqdm import tqdm
+
+            bar = tqdm(total=100, desc=name, unit="%", leave=False, delay=1.0, file=sys.stderr)
+
+        def progress(x: float, bar=bar) -> None:
+            if bar is not None:
+                bar.n = int(100 * x)
+                bar.refresh()
+
+        try:
+            result = simulate(workload, config, progress=progress)
+        except SimulationError as e:
+            return fail(str(e))
+        finally:
+            if bar is not None:
+                bar.close()
+        results[name] = result
+        summaries[name] = summarize(result, slo_s=args.slo_s) | {"settings": {
+            k: v for k, v in result.settings.items() if k != "future"}}
+    unused = set(params) - {k for n in names for k in inspect.signature(POLICIES[n]).parameters}
+    if unused:
+        return fail(f"--param {', '.join(sorted(unused))}: no chosen policy takes it")
+    out = rep.to_json(workload, devices, summaries)
+    if args.write_log:
+        for i, (name, result) in enumerate(results.items()):
+            path = Path(args.write_log) if len(results) == 1 else Path(args.write_log).with_stem(
+                f"{Path(args.write_log).stem}-{name}")
+            try:
+                result.log.write(path)
+            except FileExistsError as e:
+                return fail(str(e))
+    if args.plot:
+        try:
+            rep.plot(results, args.plot)
+        except RuntimeError as e:
+            return fail(str(e))
+    print(json.dumps(out, indent=2, default=str) if args.json else rep.table(out))
+    return 0
+
+
 def _format_event(seq: int, event, as_json: bool) -> str:
     body = msgspec.to_builtins(event)
     if as_json:
@@ -205,10 +317,38 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_demo_model)
 
-    r = sub.add_parser("replay", help="re-run the logged policy over a log; report reproduced decisions")
-    r.add_argument("db", type=Path)
-    r.add_argument("--json", action="store_true")
-    r.set_defaults(fn=_replay)
+    r = sub.add_parser("replay", help="incident replay of a log, or a simulation of policies over a workload")
+    rsub = r.add_subparsers(dest="replay_command", required=True)
+    ri = rsub.add_parser("incident", help="re-run the logged policy over a log; report reproduced decisions")
+    ri.add_argument("db", type=Path)
+    ri.add_argument("--json", action="store_true")
+    ri.set_defaults(fn=_replay)
+    rs = rsub.add_parser("simulate", help="run policies over a workload in virtual time; report what each did")
+    rs.add_argument("workload", help="a CSV file, azure:code, azure:conv, synthetic:poisson|bursty|diurnal, "
+                                     "or a Modelium log with --from-log")
+    rs.add_argument("--from-log", action="store_true", help="WORKLOAD is a Modelium event log")
+    rs.add_argument("--since", help="with --from-log: a seq (an integer below 10^9) or a time (epoch or ISO 8601)")
+    rs.add_argument("--until", help="with --from-log: as --since")
+    rs.add_argument("--policy", help="policies to compare, comma-separated (default: the server's policy)")
+    rs.add_argument("--devices", help="e.g. 80GiB,80GiB (GPUs) or gpu:0=24GiB,cpu=64GiB; sizes are used exactly")
+    rs.add_argument("--model-bytes", help="size of every model whose size the workload does not give")
+    rs.add_argument("--param", action="append", type=_param, help="a policy setting, name=value (repeatable)")
+    rs.add_argument("--models", type=int, default=10, help="azure/synthetic: models to map requests onto")
+    rs.add_argument("--zipf", type=float, default=1.1, help="azure/synthetic: Zipf exponent of model popularity")
+    rs.add_argument("--seed", type=int, default=0, help="azure/synthetic: the random seed")
+    rs.add_argument("--requests", type=int, default=1000, help="synthetic: requests")
+    rs.add_argument("--rate", type=float, default=1.0, help="synthetic: requests per second")
+    rs.add_argument("--skip-bad", action="store_true", help="CSV: skip and count bad rows instead of stopping")
+    rs.add_argument("--fit", type=Path, help="fill unknown load and service times from a fit of this log")
+    rs.add_argument("--load-s", type=float, help="load time of models the workload gives none for (default 0)")
+    rs.add_argument("--service-s", type=float, help="service time of requests the workload gives none for (default 0)")
+    rs.add_argument("--tick-s", type=float, default=5.0, help="period of Tick events (time-based decisions)")
+    rs.add_argument("--slo-s", type=float, help="report the share of requests whose first token comes within this")
+    rs.add_argument("--json", action="store_true")
+    rs.add_argument("--plot", help="write a PNG: memory per device, cold starts over time, queue-wait CDF")
+    rs.add_argument("--write-log", help="write each simulated run to this (new) SQLite log file")
+    rs.add_argument("--config", type=Path, help="a YAML settings file (for the default policy)")
+    rs.set_defaults(fn=_simulate)
 
     e = sub.add_parser("events", help="print the event log (safe while the server writes it)")
     e.add_argument("db", type=Path, nargs="?", default=Path("modelium.db"), help="default ./modelium.db")
@@ -232,6 +372,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "replay" and argv[1] not in ("incident", "simulate", "-h", "--help"):
+        argv.insert(1, "incident")  # `modelium replay DB`, as before
     args = parser().parse_args(argv)
     return args.fn(args)
 

@@ -132,7 +132,7 @@ def open_log(settings: Settings, *, clock=None) -> tuple[EventLog, State]:
         if every and seq % every == 0:
             elog.save_snapshot(schema, encode_state(state))
 
-    elog.add_projection(project)
+    elog.add_projection(project, name="the live registry")
     return elog, state
 
 
@@ -200,8 +200,10 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
     finally:
         with trio.CancelScope(shield=True):
             try:
-                elog.publish(ServerStopped(reason="shutdown"))
-                elog.save_snapshot(state_schema(), encode_state(registry))
+                # after a projection error the registry is not the fold of the log: no snapshot of it
+                elog.publish(ServerStopped(reason="shutdown" if elog.failed is None else str(elog.failed)))
+                if elog.failed is None:
+                    elog.save_snapshot(state_schema(), encode_state(registry))
                 elog.close()
             except Exception:  # noqa: BLE001 - closing must not hide the original error
                 log.exception("closing the event log failed")

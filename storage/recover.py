@@ -40,7 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from modelium.core.messages import Event, UnknownEvent, event_model
-from storage.eventlog import _SCHEMA, _SNAPSHOTS, SCHEMA_VERSION, LogError, decode_row
+from storage.codec import decode_row
+from storage.errors import LogError
+from storage.logfile import EVENTS_SCHEMA, SCHEMA_VERSION, SEQ_FLOOR_KEY, SNAPSHOTS_SCHEMA
 from storage.snapshot import decode_state, state_schema
 
 WINDOW = 2048  # seqs per SQL query
@@ -581,7 +583,7 @@ def _decode(ts, type_name, model, v, body) -> tuple[Event | None, str]:
     return event, ""
 
 
-def _event_values(values: list | None) -> tuple | None:
+def event_values(values: list | None) -> tuple | None:
     """(ts, type, model, v, body) when a scanned record has the shape of an events row."""
     if values is None or len(values) != 6 or values[0] is not None:
         return None
@@ -620,7 +622,7 @@ class _Collector:
             if cell.rowid < 1:
                 continue
             vals = cell.values
-            row = _event_values(vals)
+            row = event_values(vals)
             if row is not None:
                 seq = cell.rowid
                 event, why = _decode(*row)
@@ -786,7 +788,6 @@ def _schema_version(meta: dict[str, str]) -> int | None:
         return None
 
 
-SEQ_FLOOR_KEY = "seq_floor"  # meta: the next server's first seq is above this (see EventLog)
 LOST_KEY = "recovery_lost"  # meta: JSON [[first, last], ...] of the seq ranges earlier recoveries lost
 
 
@@ -1283,8 +1284,8 @@ def _recover(path: Path, tmp: Path, staging_path: Path) -> RecoverReport:
     meta[SEQ_FLOOR_KEY] = str(max(report.max_seq_seen, int(meta.get(SEQ_FLOOR_KEY, 0) or 0)))
     new = sqlite3.connect(tmp, isolation_level=None)
     try:
-        new.executescript(_SCHEMA)
-        new.executescript(_SNAPSHOTS)
+        new.executescript(EVENTS_SCHEMA)
+        new.executescript(SNAPSHOTS_SCHEMA)
         new.execute("ATTACH DATABASE ? AS staging", (str(staging_path),))
         new.execute("BEGIN")
         new.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", sorted(meta.items()))

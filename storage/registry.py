@@ -78,6 +78,7 @@ class ModelEntry:
     pending: dict[str, int] = field(default_factory=dict)  # request id -> seq it arrived at
     rejected_through: int = 0  # requests that arrived at or before this seq were rejected
     last_used: float = 0.0
+    used_seq: int = 0  # seq of the event that set last_used: orders uses of one same instant
     loaded_at: float = 0.0
     loads: int = 0
     load_s: float = 0.0
@@ -165,12 +166,12 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         m = _model(state, event.model)
         if m is not None:
             m.pending[event.request_id] = seq
-            m.last_used = event.ts
+            m.last_used, m.used_seq = event.ts, seq
     elif t is RequestFinished:
         m = _model(state, event.model)
         if m is not None:
             m.pending.pop(event.request_id, None)
-            m.last_used = event.ts
+            m.last_used, m.used_seq = event.ts, seq
             _drop_if_gone(state, m)
             st = m.stats
             setattr(st, event.status, getattr(st, event.status) + 1)
@@ -181,7 +182,8 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
     elif t is RequestsRolledUp:
         m = _model(state, event.model)
         if m is not None:
-            m.last_used = max(m.last_used, event.last_ts)
+            if event.last_ts >= m.last_used:
+                m.last_used, m.used_seq = event.last_ts, event.last_seq
             st = m.stats
             for k in REQUEST_STATUSES:
                 setattr(st, k, getattr(st, k) + getattr(event, k))
@@ -286,7 +288,7 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.loads += 1
             m.load_s = event.load_s
             m.loaded_at = event.ts
-            m.last_used = event.ts
+            m.last_used, m.used_seq = event.ts, seq
             m.pid = event.pid
     elif t is LoadFailed:
         m = _model(state, event.model)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import msgspec
 
-from storage.eventlog import LogError, _check_schema, _connect, damaged, read_events
+from storage.errors import LogError
+from storage.logfile import check_schema, connect, damaged
+from storage.reader import read_events
 from storage.registry import State, fold
 
 FOLD_VERSION = 1
@@ -75,9 +77,9 @@ def rebuild(path: str | Path) -> Rebuild:
     """The registry of the log at ``path``: the newest usable snapshot plus a fold of the tail."""
     t0 = time.perf_counter()
     path = Path(path)
-    conn = _connect(path, readonly=True)
+    conn = connect(path, readonly=True)
     try:
-        _check_schema(conn, path)
+        check_schema(conn, path)
         seq, state, skipped = latest_snapshot(conn)
     except sqlite3.DatabaseError as e:
         raise LogError(damaged(path, e)) from e

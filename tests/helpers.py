@@ -23,9 +23,8 @@ def spec(name: str, mib: int = 100, task: str = "text-generation") -> ModelSpec:
 
 
 def published(log, t):
-    """The events of type ``t`` a running log published (read from its in-memory ring)."""
-    ring, n = log._ring, log._ring_size
-    return [ring[s % n][1] for s in range(log.first_seq_this_run, log.last_seq + 1) if isinstance(ring[s % n][1], t)]
+    """The events of type ``t`` a running log published (as far as its memory holds them)."""
+    return log.published(t)
 
 
 class Script:

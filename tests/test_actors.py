@@ -1,15 +1,17 @@
-"""Actors over time, under pytest-trio's autojump clock: supervision, the brain's ticks, the
-router's deadlines and rejections. Real event logs in temp files; no worker processes."""
+"""Actors and services over time, under pytest-trio's autojump clock: supervision, fold errors,
+the brain's ticks, the router's deadlines and rejections. Real event logs in temp files; no worker
+processes."""
 
 import pytest
 import trio
 import trio.testing
 from helpers import published, spec
 
+from actors.base import Actor, ActorDied, Escalation, Refusal, Service, Supervisor
 from actors.brain import Brain
-from actors.base import Actor, ActorDied, Escalation, Refusal, Supervisor
 from actors.router import Refused, Router
 from actors.ticker import Ticker
+from modelium.core.config import Settings
 from modelium.core.messages import (
     ActorCrashed,
     ActorGaveUp,
@@ -17,8 +19,8 @@ from modelium.core.messages import (
     Cancel,
     DeviceRegistered,
     Evict,
-    FailQueued,
     Failed,
+    FailQueued,
     Finished,
     Generation,
     Infer,
@@ -27,14 +29,20 @@ from modelium.core.messages import (
     LoadStarted,
     ModelDiscovered,
     ModelInvalid,
+    ModelRemoved,
     RequestArrived,
     RequestFinished,
     RunnerReady,
+    ServerStopped,
     Submit,
+    Tick,
 )
 from modelium.core.policies import LRUPolicy
-from storage.eventlog import EventLog
+from modelium.hardware import DeviceInfo
+from modelium.system import run_system
+from storage.eventlog import EventLog, FoldError, ProjectionError, read_events
 from storage.registry import State, apply
+from storage.snapshot import rebuild
 
 
 def open_log(tmp_path):
@@ -179,6 +187,125 @@ async def test_the_brain_unloads_an_idle_model_after_the_keep_alive(tmp_path, au
         assert brain.decisions == 2
         n.cancel_scope.cancel()
     log.close()
+
+
+class Blinks(Service):
+    """Takes no messages; its loop crashes on its first run."""
+
+    name = "blinks"
+
+    async def main(self):
+        if self.runs == 1:
+            raise RuntimeError("first run")
+        await trio.sleep_forever()
+
+
+async def test_a_service_is_supervised_like_an_actor(tmp_path, autojump_clock):
+    log, _ = open_log(tmp_path)
+    sup = Supervisor(log.publish, backoff_s=2.0)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        s = sup.start(n, Blinks())
+        await s.started.wait()
+        await trio.sleep(5)
+        assert s.runs == 2 and not hasattr(s, "tell")
+        [crash] = of(log, ActorCrashed)
+        assert crash.actor == "blinks" and "first run" in crash.error
+        assert [(r.actor, r.backoff_s) for r in of(log, ActorRestarted)] == [("blinks", 2.0)]
+        n.cancel_scope.cancel()
+    log.close()
+
+
+class ExplodesOnRemoval:
+    """A policy with a bug: it fails on every ModelRemoved."""
+
+    name = "explodes"
+
+    def __init__(self):
+        self.settings = {}
+
+    def decide(self, view, event):
+        if isinstance(event, ModelRemoved):
+            raise ZeroDivisionError("policy bug")
+        return []
+
+
+async def test_a_fold_error_in_the_brain_names_the_seq_and_is_not_retried(tmp_path, autojump_clock):
+    log, state = open_log(tmp_path)
+    sup = Supervisor(log.publish)
+    with pytest.raises(ExceptionGroup) as excinfo:
+        async with trio.open_nursery() as n:
+            await n.start(log.run)
+            sup.start(n, Brain(log, state, ExplodesOnRemoval()))
+            await trio.sleep(1)
+            log.publish(ModelDiscovered(model="a", spec=spec("a")))
+            bad = log.publish(ModelRemoved(model="a"))
+            await trio.sleep(60)
+    assert excinfo.group_contains(FoldError, match=f"the brain failed on event {bad} \\(ModelRemoved\\)")
+    [crash] = of(log, ActorCrashed)
+    assert crash.actor == "brain" and f"event {bad} (ModelRemoved)" in crash.error and "policy bug" in crash.error
+    [gave_up] = of(log, ActorGaveUp)
+    assert gave_up.actor == "brain" and not of(log, ActorRestarted)
+    log.close()
+
+
+async def test_a_projection_error_in_a_service_stops_it_and_the_log(tmp_path, autojump_clock):
+    log, _ = open_log(tmp_path)
+
+    def fails_on_the_third_tick(seq, event):
+        if isinstance(event, Tick) and len(of(log, Tick)) == 3:
+            raise ValueError("fold bug")
+
+    log.add_projection(fails_on_the_third_tick, name="the test registry")
+    sup = Supervisor(log.publish)
+    with pytest.raises(ExceptionGroup) as excinfo:
+        async with trio.open_nursery() as n:
+            await n.start(log.run)
+            sup.start(n, Ticker(log, 1.0))
+            await trio.sleep(60)
+    assert excinfo.group_contains(ProjectionError, match="the test registry failed on event 3 \\(Tick\\)")
+    [crash] = of(log, ActorCrashed)
+    assert crash.actor == "ticker" and "event 3 (Tick)" in crash.error
+    assert of(log, ActorGaveUp) and not of(log, ActorRestarted)
+    log.close()
+    assert [type(e).__name__ for _, e in read_events(tmp_path / "log.db")] == \
+        ["Tick", "Tick", "Tick", "ActorCrashed", "ActorGaveUp"]  # the event that failed is kept
+
+
+async def test_the_server_stops_with_the_message_of_a_projection_error(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    db = tmp_path / "log.db"
+    settings = Settings(models_dirs=[models], db=db, spare_workers=0, tick_s=0.05, snapshot_every=1)
+    cpu = DeviceInfo(name="cpu", kind="cpu", label="CPU", total_bytes=2**30, budget_bytes=2**30)
+
+    def boom(seq, event):
+        if type(event).__name__ == "Tick":
+            raise RuntimeError("fold bug")
+
+    with pytest.raises(ExceptionGroup) as excinfo:
+        async with trio.open_nursery() as n:
+            system = await n.start(lambda task_status: run_system(
+                settings, task_status=task_status, serve_api=False, devices=[cpu]))
+            system.log.add_projection(boom, name="the test fold")
+            with trio.fail_after(30):
+                await trio.sleep_forever()
+    [err] = {id(e): e for e in _leaves(excinfo.value) if isinstance(e, ProjectionError)}.values()
+    assert err.type_name == "Tick" and str(err).startswith(f"the test fold failed on event {err.seq} (Tick)")
+    events = dict(read_events(db))
+    assert isinstance(events[err.seq], Tick)  # kept
+    [stopped] = [e for e in events.values() if isinstance(e, ServerStopped)]
+    assert stopped.reason == str(err)
+    # no snapshot after the failure: the next start does not trust a registry that diverged
+    assert rebuild(db).snapshot_seq <= err.seq
+
+
+def _leaves(exc):
+    if isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e)
+    else:
+        yield exc
 
 
 def submit(model, rid, timeout=300.0, kind="completion", **gen):
@@ -327,7 +454,7 @@ async def test_a_runner_gone_without_notice_does_not_take_the_router_down(tmp_pa
         router = Supervisor(log.publish).start(n, Router(log, state))
         log.publish(ModelDiscovered(model="a", spec=spec("a")))
         gone = RecordingRunner()
-        gone._recv.close()  # its mailbox is closed (it stopped), and its RunnerGone is not there yet
+        gone.mailbox.close()  # its mailbox is closed (it stopped), and its RunnerGone is not there yet
         m, recv = submit("a", "r1", timeout=60)
         await router.ask(m)
         await router.tell(RunnerReady(model="a", runner=gone, max_inflight=4))
@@ -344,6 +471,5 @@ async def test_a_runner_gone_without_notice_does_not_take_the_router_down(tmp_pa
         await trio.sleep(0.1)
         assert router.busy == 0 and [e.status for e in of(log, RequestFinished)] == ["cancelled"]
         assert not of(log, ActorCrashed)
-        assert all(p.submit is None for _, _, p in router._deadlines)  # finished: no input kept
         n.cancel_scope.cancel()
     log.close()

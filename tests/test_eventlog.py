@@ -1,12 +1,14 @@
-"""The event log: seqs, group commit, flush, subscriptions (slow ones too), reopening, errors."""
+"""The event log: seqs, group commit, flush, subscriptions (slow ones too), reopening, errors,
+projections that fail."""
 
 import sqlite3
+import time
 
 import pytest
 import trio
 
 from modelium.core.messages import ModelRemoved, RequestArrived, ServerStarted, Tick
-from storage.eventlog import EventLog, LogError, read_events
+from storage.eventlog import EventLog, LogError, ProjectionError, read_events
 
 
 def arrivals(n, model="m"):
@@ -171,3 +173,75 @@ def test_a_log_from_a_newer_modelium_is_refused(tmp_path):
         EventLog(db)
     with pytest.raises(LogError, match="newer Modelium"):
         list(read_events(db))
+
+
+async def test_a_failing_projection_is_loud_keeps_the_event_and_stops_the_log(tmp_path):
+    db = tmp_path / "log.db"
+    log = EventLog(db)
+    folded = []
+
+    def project(seq, event):
+        if isinstance(event, ModelRemoved):
+            raise KeyError(event.model)
+        folded.append(seq)
+
+    log.add_projection(project, name="the test fold")
+    with pytest.raises(ExceptionGroup) as excinfo:
+        async with trio.open_nursery() as n:
+            await n.start(log.run)
+            sub = log.subscribe()
+            log.publish(Tick())
+            with pytest.raises(ProjectionError) as raised:
+                log.publish(ModelRemoved(model="ghost"))
+            err = raised.value
+            assert (err.seq, err.type_name) == (2, "ModelRemoved") and isinstance(err.__cause__, KeyError)
+            assert str(err).startswith("the test fold failed on event 2 (ModelRemoved): KeyError('ghost')")
+            # subscribers still see the event, in order; later events are still recorded, not folded
+            assert [s for s, _ in [await sub.__anext__(), await sub.__anext__()]] == [1, 2]
+            assert log.publish(Tick()) == 3 and folded == [1]
+            with pytest.raises(ProjectionError):
+                log.save_snapshot("schema", b"a registry that is not the fold of the log")
+            await trio.sleep_forever()  # the log's run stops the nursery once the event is durable
+    [stopped] = excinfo.value.exceptions
+    assert stopped is err and log.committed_seq >= 2
+    log.close()
+    assert [(s, type(e).__name__) for s, e in read_events(db)] == [(1, "Tick"), (2, "ModelRemoved"), (3, "Tick")]
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM snapshots").fetchone()[0] == 0
+
+
+async def test_recent_and_published_read_this_runs_events_from_memory(tmp_path):
+    db = tmp_path / "log.db"
+    log = EventLog(db)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        log.publish(Tick())
+        n.cancel_scope.cancel()
+    log.close()
+    log = EventLog(db, ring=4)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        for e in [ModelRemoved(model="a"), Tick(), Tick(), ModelRemoved(model="b"), Tick()]:
+            log.publish(e)
+        assert [s for s, _ in log.recent()] == [3, 4, 5, 6]  # the ring holds four; seq 1 is of the last run
+        assert [s for s, _ in log.recent(since=4)] == [5, 6]
+        assert [e.model for e in log.published(ModelRemoved)] == ["b"]
+        assert len(log.published()) == 4
+        n.cancel_scope.cancel()
+    log.close()
+
+
+async def test_rows_taken_for_a_commit_are_not_lost_when_the_writer_is_cancelled(tmp_path):
+    db = tmp_path / "log.db"
+    log = EventLog(db, commit_interval=0.0)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        # compaction holds the connection: the writer takes its batch, then waits for its turn
+        n.start_soon(log.writer.transact, lambda conn: time.sleep(0.3))
+        await trio.sleep(0.05)
+        for e in arrivals(10):
+            log.publish(e)
+        await trio.sleep(0.05)
+        assert log.writer.queued == 0 and log.committed_seq == 0  # taken, not committed
+        n.cancel_scope.cancel()
+    log.close()
+    assert [s for s, _ in read_events(db)] == list(range(1, 11))

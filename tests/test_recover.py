@@ -113,10 +113,10 @@ def row_pages(db: Path) -> dict[int, tuple[int, ...]]:
 
     The scanner is trusted as an oracle only because the healthy-log test shows that on an
     undamaged file it finds exactly the rows SQL finds, with identical events."""
-    from storage.recover import _event_values
+    from storage.recover import event_values
 
     with PageImage(db) as image:
-        return {c.rowid: c.pages for c in image.cells() if _event_values(c.values) is not None}
+        return {c.rowid: c.pages for c in image.cells() if event_values(c.values) is not None}
 
 
 def assert_faithful(out: Path, original: dict) -> dict:

@@ -88,3 +88,64 @@ def test_an_old_reject_reads_with_an_error_kind():
     assert (r.kind, r.through) == ("insufficient_memory", 3) and not hasattr(r, "status")
     assert decode_row("Reject", 1, msgspec.msgpack.encode({"type": "Reject", "model": "a",
                                                            "reason": "x"})).kind == "unavailable"
+
+
+def test_queues_admit_dispatch_bounce_expire_and_reject_in_order():
+    from modelium.core.routing import Queues
+
+    q = Queues(max_queue=3)
+    a = entry("a", state="ready", stats=RequestStats(ok=4, service_s=4.0))
+    for i in range(3):
+        q.admit("a", f"r{i}", seq=10 + i, now=0.0, timeout_s=10.0, payload=i)
+    with pytest.raises(ModeliumError) as e:
+        q.room("a", a)
+    assert e.value.kind == ErrorKind.queue_full and e.value.retry_after >= 1
+    assert q.dispatch("a", now=1.0) == []  # no runner yet
+    q.ready("a", runner="R1", max_inflight=2)
+    taken = q.dispatch("a", now=1.0)
+    assert [p.request_id for p in taken] == ["r0", "r1"] and q.counts("a") == (1, 2)
+    assert all(p.runner == "R1" and p.dispatched_at == 1.0 for p in taken)
+    # a bounce puts it back at the head; the next dispatch takes it first
+    p, requeued = q.bounce("r1", now=2.0)
+    assert requeued and q.counts("a") == (2, 1)
+    assert [p.request_id for p in q.dispatch("a", now=2.0)] == ["r1"]
+    # a request being cancelled, or past its deadline, is not requeued: the caller ends it
+    q.inflight["r1"].cancelling = "cancelled"
+    assert q.bounce("r1", now=3.0)[1] is False and "r1" not in q.queued
+    assert q.finish("r0").request_id == "r0" and q.finish("r0") is None
+    # deadlines: queued ones come out, running ones are marked to be stopped (once)
+    q.dispatch("a", now=3.0)  # r2 runs
+    q.admit("a", "r3", seq=20, now=3.0, timeout_s=1.0)
+    queued, running = q.expire(now=11.0)
+    assert [p.request_id for p in queued] == ["r3"] and [p.request_id for p in running] == ["r2"]
+    assert q.inflight["r2"].cancelling == "timeout" and q.expire(now=12.0) == ([], [])
+    # a rejection takes out what arrived up to its seq, no more
+    for i, s in ((4, 30), (5, 31)):
+        q.admit("b", f"r{i}", seq=s, now=12.0, timeout_s=10.0)
+    assert [p.request_id for p in q.reject("b", through=30)] == ["r4"] and q.counts("b") == (1, 0)
+    assert q.unqueue("r5").request_id == "r5" and q.unqueue("r5") is None
+    queued, inflight = q.clear()
+    assert queued == [] and [p.request_id for p in inflight] == ["r2"] and q.busy == 0
+
+
+def test_execution_keeps_log_order_per_device_and_devices_independent():
+    from modelium.core.execution import Execution, device_of
+    from modelium.core.messages import Evict, Load, Reject
+
+    ex = Execution()
+    ev = Evict(model="x", reason="r")
+    load_a = Load(model="y", device="gpu:0", bytes=1, reason="r")
+    load_b = Load(model="z", device="gpu:1", bytes=1, reason="r")
+    rej = Reject(model="w", reason="r", through=3)
+    models = {"x": ModelEntry(name="x", device="gpu:0", state="unloading")}
+    assert device_of(ev, models) == "gpu:0" and device_of(load_b, models) == "gpu:1"
+    assert device_of(rej, models) is None and device_of(Evict(model="gone", reason=""), models) is None
+    assert ex.submit(1, ev, "gpu:0") == [(1, ev)]  # the eviction starts draining gpu:0
+    assert ex.submit(2, load_a, "gpu:0") == []  # waits for the memory it frees
+    assert ex.submit(3, load_b, "gpu:1") == [(3, load_b)]  # another device: at once
+    assert ex.submit(4, rej, None) == [(4, rej)]  # waits for nothing
+    assert ex.oldest_waiting() == 2
+    assert ex.evicted("gpu:0") == [(2, load_a)] and ex.oldest_waiting() is None
+    # a load does not block its device
+    load_c = Load(model="v", device="gpu:0", bytes=1, reason="r")
+    assert ex.submit(5, load_c, "gpu:0") == [(5, load_c)]

@@ -16,6 +16,7 @@ from modelium.core.config import Settings
 from modelium.core.messages import (
     ActorCrashed,
     Generation,
+    Reject,
     LoadCompleted,
     RequestFinished,
     WorkerCrashed,
@@ -78,7 +79,7 @@ async def test_a_worker_killed_mid_request_fails_that_request_and_the_queue_is_s
     async with trio.open_nursery() as n:
         n.start_soon(run)
         with trio.fail_after(30):
-            while not system.router.inflight:
+            while not system.router.q.inflight:
                 await trio.sleep(0.01)
         await trio.sleep(0.2)
         os.kill(system.registry.models["llama"].pid, signal.SIGKILL)
@@ -106,7 +107,7 @@ async def test_a_router_crash_answers_what_it_held_and_keeps_the_loaded_runners(
     async with trio.open_nursery() as n:
         n.start_soon(run)
         with trio.fail_after(30):
-            while not (system.router.inflight and system.router.busy == 3):  # one generating, two queued
+            while not (system.router.q.inflight and system.router.busy == 3):  # one generating, two queued
                 await trio.sleep(0.01)
         system.router.tell_nowait("not a message")  # the router crashes on it, and is restarted
     assert all(v.error is not None and v.error.kind == "unavailable" for v in results.values())
@@ -124,7 +125,15 @@ async def test_a_router_crash_answers_what_it_held_and_keeps_the_loaded_runners(
 async def test_an_executor_crash_leaves_running_models_alone(system):
     await ask(system, "warm")
     pid = system.registry.models["llama"].pid
-    system.runners.tell_nowait("not a message")  # the executor crashes on it, and is restarted
+    # a fault injected into the executor: the next decision it carries out raises, once
+    runners, real = system.runners, system.runners.execute
+
+    async def crash_once(d, device):
+        runners.execute = real
+        raise RuntimeError("injected executor fault")
+
+    runners.execute = crash_once
+    system.log.publish(Reject(model="llama", reason="a decision that asks nothing", through=0))
     with trio.fail_after(10):
         while not of(system, ActorCrashed):
             await trio.sleep(0.01)

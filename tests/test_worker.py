@@ -703,7 +703,7 @@ def test_a_failure_inside_the_engine_ends_that_job_alone_and_no_job_is_left_with
     from modelium.backends import hf_worker as hw
     from modelium.core.messages import Done, Failed, ToWorker
 
-    torch, tf = hw._import_libraries()
+    torch, tf = hw.import_libraries()
     state, _ = hw.load_model(HFBackend(spares=0).load_message(analyse(models["llama"]), CPU), torch, tf)
     a, b = sk.socketpair()
     engine = hw.GenEngine(torch, tf, state, hw.Outbox(SyncChannel(a, ToWorker)), 8)

@@ -695,6 +695,12 @@ class HFBackend:
         log.debug("spare worker %d ready", worker.pid)
         self._notify()
 
+    async def spawn(self) -> HFWorker:
+        """A new worker, started now (not a spare), once it has said hello."""
+        worker = self._spawn()
+        await worker.wait_hello(self.hello_timeout_s)
+        return worker
+
     async def acquire(self) -> HFWorker:
         """A worker that has said hello: a warm spare if there is one, else a new one."""
         if self._nursery is None:

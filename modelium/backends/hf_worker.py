@@ -142,7 +142,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _import_libraries():
+def import_libraries():
     """Import what every load needs, so that a spare worker has paid for it already."""
     import torch
     import transformers
@@ -1521,7 +1521,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _quiet_libraries()
     t0 = time.perf_counter()
-    torch, transformers = _import_libraries()
+    torch, transformers = import_libraries()
     cuda = bool(torch.cuda.is_available())
     log.debug("libraries imported in %.2fs (tag %r)", time.perf_counter() - t0, args.tag)
 

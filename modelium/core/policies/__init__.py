@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from modelium.core.policies.base import ClusterView, Policy
+from modelium.core.policies.belady import BeladyPolicy, BeladySizePolicy
 from modelium.core.policies.lru import LRUPolicy
 
-POLICIES: dict[str, type] = {LRUPolicy.name: LRUPolicy}
+POLICIES: dict[str, type] = {p.name: p for p in (LRUPolicy, BeladyPolicy, BeladySizePolicy)}
+OFFLINE = {BeladyPolicy.name, BeladySizePolicy.name}  # they need the future: simulations only
 
 
 class UnknownPolicy(ValueError):
@@ -25,4 +27,5 @@ def make_policy(name: str, settings: dict[str, Any] | None = None) -> Policy:
         raise UnknownPolicy(f"bad settings for policy {name!r}: {e}") from None
 
 
-__all__ = ["POLICIES", "ClusterView", "LRUPolicy", "Policy", "UnknownPolicy", "make_policy"]
+__all__ = ["OFFLINE", "POLICIES", "BeladyPolicy", "BeladySizePolicy", "ClusterView", "LRUPolicy", "Policy",
+           "UnknownPolicy", "make_policy"]

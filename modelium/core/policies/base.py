@@ -29,6 +29,7 @@ class ModelView(Protocol):
     bytes: int
     pending: Mapping[str, int]
     last_used: float
+    used_seq: int
     failures: int
     failed_at: float
     crashes: int

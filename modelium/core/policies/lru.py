@@ -25,13 +25,17 @@ from modelium.core.messages import Event, Tick
 from modelium.core.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needed_bytes
 
 
+_NOT_RESIDENT = ("discovered", "unloaded", "failed", "invalid")
+
+
 class LRUPolicy:
     name = "lru"
 
     def __init__(self, keep_alive_s: float = 300.0, retry_failed_s: float = 30.0, max_crashes: int = 3):
+        keep_alive_s = float(keep_alive_s)  # "inf": never unload for idleness
         if keep_alive_s < 0 or retry_failed_s < 0 or max_crashes < 1:
             raise ValueError("keep_alive_s and retry_failed_s must be >= 0, max_crashes >= 1")
-        self.keep_alive_s = float(keep_alive_s)
+        self.keep_alive_s = keep_alive_s
         self.retry_failed_s = float(retry_failed_s)
         self.max_crashes = int(max_crashes)
 
@@ -40,35 +44,44 @@ class LRUPolicy:
         return {"keep_alive_s": self.keep_alive_s, "retry_failed_s": self.retry_failed_s,
                 "max_crashes": self.max_crashes}
 
+    def victim_key(self, m: ModelView, now: float) -> tuple:
+        """Idle models are evicted in this order (smallest first): least recently used."""
+        return (m.last_used, m.used_seq, m.name)
+
+    def victim_reason(self, m: ModelView, now: float, device: str) -> str:
+        return f"least recently used idle model on {device} (idle {now - m.last_used:.0f} s)"
+
     def decide(self, view: ClusterView, trigger: Event) -> list[Decision]:
         now = trigger.ts
         out: list[Decision] = []
         leaving: set[str] = set()
-        models = sorted(view.models.values(), key=lambda m: m.name)
+        # (what follows only sorts what it acts on: the brain asks on every event)
+        models = view.models.values()
 
         def evict(m: ModelView, reason: str) -> None:
             out.append(Evict(model=m.name, reason=reason))
             leaving.add(m.name)
 
-        for m in models:
-            if m.state == "ready" and not m.pending and (m.removed or m.stale):
-                evict(m, "model folder removed" if m.removed
-                      else "model files changed; the new version loads on the next request")
+        for m in sorted((m for m in models if m.state == "ready" and not m.pending and (m.removed or m.stale)),
+                        key=lambda m: m.name):
+            evict(m, "model folder removed" if m.removed
+                  else "model files changed; the new version loads on the next request")
 
         if isinstance(trigger, Tick):
-            for m in models:
+            for m in sorted(models, key=lambda m: m.name):
                 idle = now - m.last_used
                 if m.state == "ready" and not m.pending and m.name not in leaving and idle >= self.keep_alive_s:
                     evict(m, f"idle for {idle:.0f} s (keep-alive {self.keep_alive_s:g} s)")
 
+        wanting = [m for m in models if m.state in _NOT_RESIDENT and m.pending and m.waiting]
+        if not wanting:
+            return out
         used = {d: view.used_bytes(d) for d in view.devices}
         for name in leaving:
             m = view.models[name]
             if m.device in used and m.state in ("loading", "ready"):
                 used[m.device] -= m.bytes
-
-        wanting = [m for m in models if m.waiting and m.state in ("discovered", "unloaded", "failed", "invalid")]
-        wanting.sort(key=lambda m: m.waiting[0])
+        wanting.sort(key=lambda m: (m.waiting[0], m.name))
         for m in wanting:
             n = len(m.waiting)
             if m.removed:
@@ -109,6 +122,10 @@ class LRUPolicy:
                     f"{format_bytes(free)} free on {d.name}")))
                 used[d.name] += need
                 return
+        # every device where evicting idle models makes room, with the victims it would take
+        # (first in victim order); GPUs before the CPU, and among them the device whose worst
+        # victim is the best (least recently used, for this policy): across devices as within one
+        options = []
         for d in devices:
             if need > d.budget_bytes:
                 continue
@@ -116,7 +133,7 @@ class LRUPolicy:
             idle = sorted(
                 (x for x in view.models.values()
                  if x.device == d.name and x.state == "ready" and not x.pending and x.name not in leaving),
-                key=lambda x: (x.last_used, x.name),
+                key=lambda x: self.victim_key(x, now),
             )
             chosen: list[ModelView] = []
             room = free
@@ -125,11 +142,14 @@ class LRUPolicy:
                     break
                 chosen.append(x)
                 room += x.bytes
-            if room < need:
-                continue
+            if room >= need and chosen:
+                options.append((d.kind != "gpu", max(self.victim_key(x, now) for x in chosen), d.name, d, chosen,
+                                free, room))
+        if options:
+            *_, d, chosen, free, room = min(options, key=lambda o: o[:3])
             for x in chosen:
                 out.append(Evict(model=x.name, reason=(
-                    f"least recently used idle model on {d.name} (idle {now - x.last_used:.0f} s); "
+                    f"{self.victim_reason(x, now, d.name)}; "
                     f"making room for {m.name}, which needs {format_bytes(need)} "
                     f"with {format_bytes(free)} free")))
                 leaving.add(x.name)

@@ -1,0 +1,77 @@
+"""What a simulated run cost: cold starts, loads, thrash, waits, memory. Pure functions of a
+:class:`replay.simulator.Result`.
+
+* a request is a **cold start** when its model was not loaded and ready when it arrived;
+* **thrash** counts loads of a model within ``thrash_s`` (60 s) of its own eviction;
+* the **queue wait** is from arrival to dispatch; the **time to first token** is the queue wait
+  (the simulator models no prefill: service time is one span);
+* **SLO attainment** is the share of requests whose time to first token is at most ``slo_s``;
+* **memory-time** integrates the bytes resident on every device (loading, ready or draining) over
+  the run, in GB·h (1 GB = 10^9 bytes); **idle memory-time** only counts loaded models with no
+  request queued or in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+
+def percentile(xs: list[float], p: float) -> float | None:
+    """The ``p``-th percentile (nearest rank on the sorted values); None for no values."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def _gb_h(steps: list[tuple[float, int, int]], end: float, which: int) -> float:
+    total = 0.0
+    for (t, *vals), nxt in zip(steps, steps[1:] + [(end, 0, 0)]):
+        total += vals[which - 1] * max(0.0, nxt[0] - t)
+    return total / 1e9 / 3600
+
+
+def summarize(result: Any, *, slo_s: float | None = None, thrash_s: float = 60.0) -> dict[str, Any]:
+    reqs = result.requests
+    n = len(reqs)
+    cold = sum(1 for r in reqs if r.cold)
+    per_model: dict[str, list[bool]] = defaultdict(list)
+    for r in reqs:
+        per_model[r.model].append(r.cold)
+    model_pct = [100.0 * sum(v) / len(v) for v in per_model.values()]
+    waits = [r.dispatched - r.arrived for r in reqs if not math.isnan(r.dispatched)]
+    last_evicted: dict[str, float] = {}
+    events = sorted([(t, 1, m) for t, m in result.evictions] + [(t, 0, m) for t, m in result.loads])
+    thrash = 0
+    for t, kind, m in events:
+        if kind == 1:
+            last_evicted[m] = t
+        elif m in last_evicted and t - last_evicted[m] <= thrash_s:
+            thrash += 1
+    memory = sum(_gb_h(steps, result.end, 1) for steps in result.memory.values())
+    idle = sum(_gb_h(steps, result.end, 2) for steps in result.memory.values())
+    ttft = waits
+    return {
+        "requests": n,
+        "cold_starts": cold,
+        "cold_start_pct": round(100.0 * cold / n, 3) if n else 0.0,
+        "cold_start_pct_p75_per_model": _round(percentile(model_pct, 75)),
+        "loads": len(result.loads),
+        "evictions": len(result.evictions),
+        "thrash": thrash,
+        "queue_wait_s": {k: _round(percentile(waits, p)) for k, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+        "ttft_s": {k: _round(percentile(ttft, p)) for k, p in (("p50", 50), ("p99", 99))},
+        "slo_attainment": (round(sum(1 for x in ttft if x <= slo_s) / n, 6) if n else None) if slo_s is not None
+        else None,
+        "memory_gb_h": round(memory, 6),
+        "idle_gb_h": round(idle, 6),
+        "unanswered": sum(1 for r in reqs if r.status != "ok"),
+        "events": result.events,
+        "wall_s": round(result.wall_s, 4),
+    }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)

@@ -1,0 +1,423 @@
+"""A discrete-event simulator that runs the live scheduling code in virtual time.
+
+It drives, over a :class:`replay.workloads.Workload`, the very code the server runs: the brain's
+:class:`storage.decider.Decider` with a policy from :mod:`modelium.core.policies`, the registry
+fold, the router's :class:`modelium.core.routing.Queues`, the executor's
+:class:`modelium.core.execution.Execution` and the allocators' :class:`modelium.hardware.Ledger`.
+What the live server does with processes and sockets (load a model, serve a request) takes, here,
+the time the workload says (measured, fitted or given; zero when nothing says).
+
+Every event the live server would log is published, in the same order rules, to a
+:class:`storage.memlog.MemoryLog`: a simulated run can be written to an SQLite log that
+``modelium events`` reads and incident replay reproduces.
+
+Devices and model sizes are taken exactly as given (no overhead, no reserve), so that a user can
+reason about slots: budgets of 4 x 10 GB hold four 10 GB models.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from modelium.core.execution import Execution, device_of
+from modelium.core.messages import (
+    DECISIONS,
+    BrainStarted,
+    DeviceRegistered,
+    Evict,
+    Load,
+    LoadCompleted,
+    LoadFailed,
+    LoadStarted,
+    MemoryEstimate,
+    ModelDiscovered,
+    ModelSpec,
+    Reject,
+    Released,
+    RequestArrived,
+    RequestFinished,
+    Reserved,
+    ServerStarted,
+    ServerStopped,
+    Tick,
+    Unloaded,
+)
+from modelium.core.policies import OFFLINE, Policy, make_policy
+from modelium.core.routing import Queues
+from modelium.hardware import Ledger, parse_bytes
+from replay.workloads import Workload, WorkloadError
+from storage.decider import Decider
+from storage.memlog import MemoryLog
+
+# at one instant: loads finish, then requests finish, then new requests arrive, then time ticks
+_LOADED, _DONE, _ARRIVE, _TICK = 0, 1, 2, 3
+
+
+class SimulationError(ValueError):
+    """A simulation that cannot run as asked; the message says why."""
+
+
+def parse_devices(text: str) -> dict[str, int]:
+    """``"80GiB,80GiB"`` or ``"2x80GiB"`` (GPUs gpu:0, gpu:1, ...) or ``"gpu:0=80GiB,cpu=64GiB"``
+    -> name -> bytes."""
+    out: dict[str, int] = {}
+    parts = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        count, x, rest = part.partition("x")
+        parts += [rest] * int(count) if x and count.isdigit() and "=" not in part else [part]
+    for part in parts:
+        name, _, size = part.rpartition("=")
+        name = name.strip() or f"gpu:{sum(1 for n in out if n.startswith('gpu:'))}"
+        if name != "cpu" and not (name.startswith("gpu:") and name[4:].isdigit()):
+            raise SimulationError(f"--devices: {name!r} is not a device name (cpu, gpu:0, gpu:1, ...)")
+        if name in out:
+            raise SimulationError(f"--devices: {name} is given twice")
+        try:
+            out[name] = parse_bytes(size.strip())
+        except ValueError as e:
+            raise SimulationError(f"--devices: {e}") from None
+    if not out:
+        raise SimulationError("--devices: no device given (for example 80GiB,80GiB or gpu:0=24GiB,cpu=64GiB)")
+    return out
+
+
+@dataclass
+class RequestRecord:
+    """What happened to one request (for the metrics)."""
+
+    model: str
+    arrived: float
+    cold: bool  # its model was not loaded and ready when it arrived
+    dispatched: float = math.nan
+    finished: float = math.nan
+    status: str = ""
+
+
+@dataclass
+class Result:
+    policy: str
+    settings: dict[str, Any]
+    log: MemoryLog
+    requests: list[RequestRecord]
+    loads: list[tuple[float, str]]  # (time, model) of each completed load
+    evictions: list[tuple[float, str]]  # (time, model) of each finished unload
+    memory: dict[str, list[tuple[float, int, int]]]  # device -> (time, resident bytes, idle bytes) steps
+    start: float
+    end: float
+    events: int
+    wall_s: float = 0.0
+
+
+@dataclass
+class Config:
+    devices: dict[str, int]
+    policy: str = "lru"
+    params: dict[str, Any] = field(default_factory=dict)
+    model_bytes: int | None = None  # for models whose size the workload does not give
+    load_s: float | None = None  # for models whose load time the workload does not give (else 0)
+    service_s: float | None = None  # for requests whose service time the workload does not give (else 0)
+    tick_s: float = 5.0
+    max_inflight: int = 64
+    max_queue: int = 10**9  # a simulation judges policies: no request is turned away for a full queue
+    request_timeout_s: float = math.inf
+
+
+class Simulation:
+    def __init__(self, workload: Workload, config: Config, *, progress: Callable[[float], None] | None = None):
+        if not workload.arrivals:
+            raise SimulationError(f"workload {workload.name} has no requests")
+        self.w = workload
+        self.c = config
+        self.progress = progress
+        self.now = workload.start
+        self.log = MemoryLog(clock=lambda: self.now)
+        self.queues = Queues(config.max_queue)
+        self.execution = Execution()
+        self.ledgers = {d: Ledger(d, b) for d, b in config.devices.items()}
+        self.sizes = self._sizes()
+        self.policy = self._policy()
+        self.decider = Decider(policy_for=lambda e: self.policy)
+        self.feed: deque[tuple[int, Any]] = deque()
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.order = itertools.count()
+        self.runners: dict[str, dict[str, Any]] = {}  # model -> {"device", "stopping", "reason"}
+        self.records: dict[str, RequestRecord] = {}
+        self.busy: dict[str, int] = {}  # model -> requests queued or in flight
+        self.loads: list[tuple[float, str]] = []
+        self.evictions: list[tuple[float, str]] = []
+        self.memory: dict[str, list[tuple[float, int, int]]] = {d: [(self.now, 0, 0)] for d in config.devices}
+        self._rid = itertools.count(1)
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _sizes(self) -> dict[str, int]:
+        sizes = {}
+        biggest = max(self.c.devices.values())
+        for name, info in sorted(self.w.models.items()):
+            size = info.bytes if info.bytes is not None else self.c.model_bytes
+            if size is None:
+                raise SimulationError(f"model {name} has no size in workload {self.w.name}: give --model-bytes")
+            if size > biggest:
+                raise SimulationError(f"model {name} needs {size:,} bytes, more than any device holds "
+                                      f"(the largest: {biggest:,} bytes)")
+            sizes[name] = int(size)
+        return sizes
+
+    def _policy(self) -> Policy:
+        params = dict(self.c.params)
+        if self.c.policy in OFFLINE:
+            future: dict[str, list[float]] = {}
+            for a in self.w.arrivals:
+                future.setdefault(a.model, []).append(self.w.start + a.ts)
+            params["future"] = future
+        try:
+            return make_policy(self.c.policy, params)
+        except ValueError as e:
+            raise SimulationError(str(e)) from None
+
+    def _spec(self, name: str) -> ModelSpec:
+        size = self.sizes[name]
+        return ModelSpec(name=name, path=f"simulated/{name}", fingerprint=f"sim-{name}", architecture="Simulated",
+                         model_type="simulated", task="text-generation", weight_bytes=size,
+                         estimate=MemoryEstimate(weights=size, overhead=0, total=size,
+                                                 notes="simulated: the workload's size, as given"))
+
+    # -- the log and the brain ------------------------------------------------------------------
+
+    def publish(self, event: Any) -> int:
+        seq = self.log.publish(event)
+        self.feed.append((seq, self.log.rows[-1][1]))
+        return seq
+
+    def settle(self) -> None:
+        """Let the brain see every event in seq order, and the executor act on its decisions."""
+        while self.feed:
+            seq, event = self.feed.popleft()
+            for d in self.decider.feed(seq, event):
+                self.publish(d)
+            if isinstance(event, DECISIONS):
+                device = device_of(event, self.state.models)
+                for _, d in self.execution.submit(seq, event, device):
+                    self._execute(d, device)
+
+    @property
+    def state(self):
+        return self.decider.plain  # the registry fold of the log (the brain keeps it anyway)
+
+    def schedule(self, t: float, kind: int, payload: Any) -> None:
+        heapq.heappush(self.heap, (t, kind, next(self.order), payload))
+
+    # -- the executor ---------------------------------------------------------------------------
+
+    def _execute(self, d: Any, device: str | None) -> None:
+        if isinstance(d, Load):
+            self._load(d)
+        elif isinstance(d, Evict):
+            self._evict(d, device)
+        elif isinstance(d, Reject):
+            for p in self.queues.reject(d.model, d.through):
+                self._finish(p, "rejected", d.kind, d.reason)
+
+    def _load(self, d: Load) -> None:
+        if d.model in self.runners:
+            return
+        ledger = self.ledgers.get(d.device)
+        if ledger is None:
+            self.publish(LoadFailed(model=d.model, device=d.device, reason=f"no device {d.device} here"))
+            return
+        why = ledger.reserve(d.model, d.bytes)
+        if why is not None:
+            self.publish(LoadFailed(model=d.model, device=d.device, reason=why))
+            return
+        self.publish(Reserved(device=d.device, model=d.model, bytes=d.bytes))
+        self.runners[d.model] = {"device": d.device, "stopping": False, "reason": "", "loaded": False}
+        self.publish(LoadStarted(model=d.model, device=d.device, backend="simulated"))
+        info = self.w.models.get(d.model)
+        load_s = info.load_s if info is not None and info.load_s is not None else (self.c.load_s or 0.0)
+        self.schedule(self.now + load_s, _LOADED, (d.model, load_s))
+        self._memory(d.device)
+
+    def _loaded(self, model: str, load_s: float) -> None:
+        r = self.runners.get(model)
+        if r is None:
+            return
+        if r["stopping"]:
+            self._unload(model, f"{r['reason']} (while loading)")
+            return
+        r["loaded"] = True
+        self._memory(r["device"])
+        self.publish(LoadCompleted(model=model, device=r["device"], load_s=round(load_s, 6),
+                                   memory_bytes=self.sizes.get(model, 0)))
+        self.loads.append((self.now, model))
+        self.queues.ready(model, model, self.c.max_inflight)
+        self._dispatch(model)
+
+    def _evict(self, d: Evict, device: str | None) -> None:
+        r = self.runners.get(d.model)
+        if r is None:
+            if device is not None:
+                self._after_eviction(device)
+            return
+        r["stopping"], r["reason"] = True, d.reason
+        self.queues.gone(d.model)
+        if r["loaded"] and not self._inflight(d.model):
+            self._unload(d.model, d.reason)
+
+    def _inflight(self, model: str) -> bool:
+        slot = self.queues.slots.get(model)
+        if slot is not None:
+            return slot.inflight > 0
+        return any(p.model == model for p in self.queues.inflight.values())  # its runner is leaving
+
+    def _unload(self, model: str, reason: str) -> None:
+        r = self.runners.pop(model)
+        device = r["device"]
+        freed = self.ledgers[device].release(model)
+        self.publish(Released(device=device, model=model, bytes=freed))
+        self.publish(Unloaded(model=model, device=device, reason=reason))
+        self.evictions.append((self.now, model))
+        self._memory(device)
+        self._after_eviction(device)
+
+    def _after_eviction(self, device: str) -> None:
+        for _, d in self.execution.evicted(device):
+            self._execute(d, device)
+
+    # -- the router -----------------------------------------------------------------------------
+
+    def _arrive(self, a: Any) -> None:
+        entry = self.state.models.get(a.model)
+        rid = f"sim-{next(self._rid)}"
+        cold = entry is None or entry.state != "ready"
+        self.records[rid] = RequestRecord(a.model, self.now, cold)
+        seq = self.publish(RequestArrived(model=a.model, request_id=rid, kind="completion",
+                                          max_tokens=a.completion_tokens, tenant=a.tenant))
+        service = a.service_s if a.service_s is not None else (self.c.service_s or 0.0)
+        p = self.queues.admit(a.model, rid, seq, self.now, self.c.request_timeout_s,
+                              (service, a.prompt_tokens, a.completion_tokens))
+        self._busy(a.model, +1)
+        self.settle()
+        if p.queued:
+            self._dispatch(a.model)
+
+    def _dispatch(self, model: str) -> None:
+        for p in self.queues.dispatch(model, self.now):
+            self.records[p.request_id].dispatched = self.now
+            self.schedule(self.now + p.payload[0], _DONE, p.request_id)
+
+    def _busy(self, model: str, delta: int) -> None:
+        """A request of ``model`` was admitted (+1) or ended (-1); idle memory changes when
+        the model's count goes from or to zero."""
+        n = self.busy.get(model, 0)
+        self.busy[model] = n + delta
+        if (n == 0) != (n + delta == 0) and model in self.runners:
+            self._memory(self.runners[model]["device"])
+
+    def _done(self, rid: str) -> None:
+        p = self.queues.finish(rid)
+        if p is None:
+            return
+        self._finish(p, "ok")
+        r = self.runners.get(p.model)
+        if r is not None and r["stopping"] and not self._inflight(p.model):
+            self._unload(p.model, r["reason"])
+        else:
+            self._dispatch(p.model)
+
+    def _finish(self, p: Any, status: str, kind: str = "", error: str = "") -> None:
+        queue_s = (p.dispatched_at or self.now) - p.arrived
+        service_s = self.now - p.dispatched_at if p.dispatched_at else 0.0
+        _, prompt, completion = p.payload
+        self.publish(RequestFinished(model=p.model, request_id=p.request_id, status=status,
+                                     queue_s=round(queue_s, 6), service_s=round(service_s, 6),
+                                     prompt_tokens=prompt if status == "ok" else 0,
+                                     completion_tokens=completion if status == "ok" else 0,
+                                     error=error, error_kind=kind if status != "ok" else ""))
+        rec = self.records[p.request_id]
+        rec.finished, rec.status = self.now, status
+        self._busy(p.model, -1)
+
+    def _expire(self) -> None:
+        queued, running = self.queues.expire(self.now)
+        for p in queued:
+            self._finish(p, "timeout", "timeout", "deadline passed while queued")
+        for p in running:  # a simulated request stops at once when told
+            if self.queues.finish(p.request_id) is not None:
+                self._finish(p, "timeout", "timeout", "deadline passed while served")
+
+    # -- memory over time -------------------------------------------------------------------------
+
+    def _memory(self, device: str | None) -> None:
+        if device is None or device not in self.memory:
+            return
+        resident = idle = 0
+        for model, r in self.runners.items():
+            if r["device"] == device:
+                size = self.sizes.get(model, 0)
+                resident += size
+                if r["loaded"] and not self.busy.get(model):
+                    idle += size
+        steps = self.memory[device]
+        if steps[-1][1:] != (resident, idle):
+            steps.append((self.now, resident, idle))
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        import time as _time
+
+        t0 = _time.perf_counter()
+        start = self.w.start
+        self.publish(ServerStarted(pid=0, version="simulated", models_dirs=[self.w.name]))
+        for name, budget in self.c.devices.items():
+            self.publish(DeviceRegistered(device=name, kind="cpu" if name == "cpu" else "gpu", name="simulated",
+                                          total_bytes=budget, budget_bytes=budget, fake=True))
+        for name in sorted(self.w.models):
+            self.publish(ModelDiscovered(model=name, spec=self._spec(name)))
+        self.publish(BrainStarted(policy=self.policy.name, settings=self.policy.settings))
+        self.settle()
+        for a in self.w.arrivals:
+            self.schedule(start + a.ts, _ARRIVE, a)
+        last = start + self.w.duration
+        if self.c.tick_s > 0:
+            self.schedule(start + self.c.tick_s, _TICK, None)
+        shown = 0.0
+        while self.heap:
+            t, kind, _, payload = heapq.heappop(self.heap)
+            if kind == _TICK and t > last and not self.queues.busy:
+                continue  # time stops once every request is answered
+            self.now = max(self.now, t)
+            if self.queues.next_deadline() <= self.now:
+                self._expire()
+            if kind == _ARRIVE:
+                self._arrive(payload)
+            elif kind == _DONE:
+                self._done(payload)
+            elif kind == _LOADED:
+                self._loaded(*payload)
+            else:
+                self.publish(Tick())
+                self.schedule(self.now + self.c.tick_s, _TICK, None)
+            self.settle()
+            if self.progress is not None and self.now - shown > (last - start) / 100:
+                shown = self.now
+                self.progress(min(1.0, (self.now - start) / max(last - start, 1e-9)))
+        self.publish(ServerStopped(reason="end of the simulated workload"))
+        self.settle()
+        return Result(policy=self.policy.name, settings=self.policy.settings, log=self.log,
+                      requests=list(self.records.values()), loads=self.loads, evictions=self.evictions,
+                      memory=self.memory, start=start, end=self.now, events=self.log.last_seq,
+                      wall_s=_time.perf_counter() - t0)
+
+
+def simulate(workload: Workload, config: Config, **kw: Any) -> Result:
+    """Run one policy over a workload."""
+    try:
+        return Simulation(workload, config, **kw).run()
+    except WorkloadError as e:
+        raise SimulationError(str(e)) from None
