@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/coldstart.py
 	$(PY) bench/serving.py
 	$(PY) bench/peer.py
+	$(PY) bench/simulate.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

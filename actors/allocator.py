@@ -12,7 +12,8 @@ from typing import Any
 import trio
 
 from actors.base import Actor, Reply
-from modelium.hardware import DeviceInfo, Ledger, sample_free
+from modelium.core.memory import Ledger
+from modelium.hardware import DeviceInfo, sample_free
 from modelium.core.messages import DeviceRegistered, DeviceSampled, Granted, Refused, Release, Released, Reserve, Reserved
 from storage.eventlog import EventLog
 from storage.registry import State

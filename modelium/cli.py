@@ -146,7 +146,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from replay import report as rep
     from replay.metrics import summarize
     from replay.simulator import Config, SimulationError, parse_devices, simulate
-    from replay.workloads import WorkloadError, fit_times, load
+    from replay.workloads import WorkloadError, fit_times, load, sizes_from_folder
     from storage.eventlog import LogError, read_events
 
     def fail(msg: str) -> int:
@@ -166,6 +166,8 @@ def _simulate(args: argparse.Namespace) -> int:
         workload = load(args.workload, **kw)
         if args.fit:
             workload = fit_times(args.fit).fill(workload)
+        if args.models_dir:
+            workload = sizes_from_folder(workload, args.models_dir)
         if args.devices:
             devices = parse_devices(args.devices)
         elif args.from_log:
@@ -332,6 +334,7 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--policy", help="policies to compare, comma-separated (default: the server's policy)")
     rs.add_argument("--devices", help="e.g. 80GiB,80GiB (GPUs) or gpu:0=24GiB,cpu=64GiB; sizes are used exactly")
     rs.add_argument("--model-bytes", help="size of every model whose size the workload does not give")
+    rs.add_argument("--models-dir", type=Path, help="take unknown model sizes from the analysis of this models folder")
     rs.add_argument("--param", action="append", type=_param, help="a policy setting, name=value (repeatable)")
     rs.add_argument("--models", type=int, default=10, help="azure/synthetic: models to map requests onto")
     rs.add_argument("--zipf", type=float, default=1.1, help="azure/synthetic: Zipf exponent of model popularity")

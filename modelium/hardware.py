@@ -1,7 +1,7 @@
 """Devices and their memory: NVIDIA GPUs through the ``pynvml`` module, else the CPU's RAM.
 
-``detect_devices`` says what this machine has; ``sample_free`` reads a device's free memory now;
-``Ledger`` is the pure memory book an allocator keeps for one device. A fake GPU exists only
+``detect_devices`` says what this machine has; ``sample_free`` reads a device's free memory now.
+(The memory book an allocator keeps is :class:`modelium.core.memory.Ledger`.) A fake GPU exists only
 here, only when asked for (``fake_gpus="2x24GiB"``), is marked ``fake`` everywhere it appears,
 and runs its models on the CPU: it lets placement across several GPUs be exercised on machines
 without one.
@@ -10,7 +10,7 @@ without one.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _UNITS = {
     "": 1, "b": 1,
@@ -143,40 +143,3 @@ def sample_free(device: DeviceInfo) -> int | None:
             pynvml.nvmlShutdown()
     except Exception:  # NVML errors are reported as "unknown", not fatal
         return None
-
-
-@dataclass
-class Ledger:
-    """One device's memory book: who holds how many bytes of its budget. Pure."""
-
-    device: str
-    budget: int
-    held: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def used(self) -> int:
-        return sum(self.held.values())
-
-    @property
-    def free(self) -> int:
-        return self.budget - self.used
-
-    def reserve(self, model: str, nbytes: int) -> str | None:
-        """Reserve ``nbytes`` for ``model``; returns None, or the reason it is refused."""
-        if nbytes < 0:
-            return f"cannot reserve a negative size ({nbytes})"
-        if model in self.held:
-            if self.held[model] == nbytes:
-                return None  # the same reservation asked again (an executor that restarted): granted
-            return f"{model} already holds {format_bytes(self.held[model])} on {self.device}"
-        if nbytes > self.free:
-            return (
-                f"{model} needs {format_bytes(nbytes)} but only {format_bytes(self.free)} of "
-                f"{format_bytes(self.budget)} is free on {self.device}"
-            )
-        self.held[model] = nbytes
-        return None
-
-    def release(self, model: str) -> int:
-        """Release what ``model`` holds; returns the bytes freed (0 if it held nothing)."""
-        return self.held.pop(model, 0)

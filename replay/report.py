@@ -51,7 +51,8 @@ def table(report: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    """Resident memory per device over time (per policy), cold starts over time, queue-wait CDF."""
+    """One panel per policy with the memory resident on each device over time (stacked), then
+    cold starts over time and the queue-wait distribution of every policy."""
     try:
         import matplotlib
 
@@ -61,26 +62,36 @@ def plot(results: dict[str, Any], path: str) -> None:
         raise RuntimeError("plots need matplotlib: pip install 'modelium[plot]'") from None
     import math
 
-    fig, axes = plt.subplots(3, 1, figsize=(10, 11))
-    mem, cold, cdf = axes
+    n = len(results)
+    fig, axes = plt.subplots(n + 2, 1, figsize=(10, 3.2 * (n + 2)), squeeze=False)
+    axes = [a[0] for a in axes]
+    for ax, (name, r) in zip(axes, results.items()):
+        times = sorted({t for steps in r.memory.values() for t, _, _ in steps} | {r.end})
+        layers, labels = [], []
+        for device, steps in sorted(r.memory.items()):
+            values, i = [], 0
+            for t in times:
+                while i + 1 < len(steps) and steps[i + 1][0] <= t:
+                    i += 1
+                values.append(steps[i][1] / 1e9)
+            layers.append(values)
+            labels.append(device)
+        hours = [(t - r.start) / 3600 for t in times]
+        ax.stackplot(hours, *layers, labels=labels, step="post", alpha=0.8)
+        ax.set(title=f"{name}: memory resident per device", xlabel="hours", ylabel="GB")
+        ax.legend(fontsize="small", loc="upper right")
+    cold, cdf = axes[n], axes[n + 1]
     for name, r in results.items():
-        for device, steps in r.memory.items():
-            xs, ys = [], []
-            for (t, resident, _), nxt in zip(steps, steps[1:] + [(r.end, 0, 0)]):
-                xs += [(t - r.start) / 3600, (nxt[0] - r.start) / 3600]
-                ys += [resident / 1e9, resident / 1e9]
-            mem.plot(xs, ys, label=f"{name} {device}")
         times = sorted((q.arrived - r.start) / 3600 for q in r.requests if q.cold)
         cold.plot(times, range(1, len(times) + 1), label=name)
         waits = sorted(q.dispatched - q.arrived for q in r.requests if not math.isnan(q.dispatched))
         if waits:
             cdf.plot(waits, [(i + 1) / len(waits) for i in range(len(waits))], label=name)
-    mem.set(title="resident memory per device", xlabel="hours", ylabel="GB")
     cold.set(title="cold starts over time (cumulative)", xlabel="hours", ylabel="cold starts")
-    cdf.set(title="queue wait", xlabel="seconds", ylabel="share of requests", xscale="symlog")
-    for ax in axes:
+    cdf.set(title="queue wait (CDF)", xlabel="seconds", ylabel="share of requests")
+    for ax in (cold, cdf):
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)

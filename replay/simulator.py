@@ -49,7 +49,8 @@ from modelium.core.messages import (
 )
 from modelium.core.policies import OFFLINE, Policy, make_policy
 from modelium.core.routing import Queues
-from modelium.hardware import Ledger, parse_bytes
+from modelium.core.memory import Ledger
+from modelium.hardware import parse_bytes
 from replay.workloads import Workload, WorkloadError
 from storage.decider import Decider
 from storage.memlog import MemoryLog

@@ -864,3 +864,33 @@ __all__ = [
     "from_csv", "azure", "synthetic", "from_log", "fit_times", "load",
     "PATTERNS", "TRACES", "AZURE_FILES",
 ]
+
+
+def sizes_from_folder(workload: Workload, folder: str | Path) -> Workload:
+    """Fill unknown model sizes from a models folder: each model's folder ``folder/NAME`` is
+    analysed (headers only, as the server does) and its memory estimate is its size."""
+    from modelium.core.analysis import Invalid, analyse
+    from modelium.core.memory import needed_bytes
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WorkloadError(f"--models-dir {folder}: not a folder")
+    models = dict(workload.models)
+    filled, missing = [], []
+    for name, info in models.items():
+        if info.bytes is not None:
+            continue
+        path = folder / name
+        spec = analyse(path) if path.is_dir() else None
+        if spec is None or isinstance(spec, Invalid):
+            missing.append(name)
+            continue
+        models[name] = ModelInfo(name, bytes=needed_bytes(spec), load_s=info.load_s)
+        filled.append(name)
+    notes = list(workload.notes)
+    if filled:
+        notes.append(f"sizes of {len(filled)} model(s) from the analysis of {folder}")
+    if missing:
+        notes.append(f"{len(missing)} model(s) not found or invalid in {folder}: {', '.join(sorted(missing)[:5])}")
+    return Workload(name=workload.name, arrivals=workload.arrivals, models=models, notes=notes,
+                    skipped=workload.skipped, start=workload.start)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from modelium.hardware import DeviceInfo, Ledger, detect_devices, format_bytes, parse_bytes, parse_fake_gpus
+from modelium.core.memory import Ledger
+from modelium.hardware import DeviceInfo, detect_devices, format_bytes, parse_bytes, parse_fake_gpus
 
 
 def test_memory_sizes():

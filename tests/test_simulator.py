@@ -194,3 +194,13 @@ def test_bad_csv_rows_name_their_line(tmp_path):
     assert out.returncode == 2 and "ts" in out.stderr
     out = run_cli("replay", "simulate", str(bad), "--devices", "1GB", "--model-bytes", "1GB", "--skip-bad", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["workload"]["skipped"] == 1
+
+
+def test_a_plot_is_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sim.png"
+    out = run_cli("replay", "simulate", "synthetic:diurnal", "--requests", "300", "--models", "5", "--devices",
+                  "2x2GB", "--model-bytes", "1GB", "--load-s", "2", "--service-s", "0.5", "--policy", "lru,belady",
+                  "--plot", str(png), "--json")
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

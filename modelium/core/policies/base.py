@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from modelium.core.memory import needed_bytes
 from modelium.core.messages import Decision, Evict, Event, Load, ModelSpec, Reject
 
 __all__ = ["ClusterView", "Decision", "DeviceView", "Evict", "Load", "ModelView", "Policy", "Reject",
@@ -63,10 +64,3 @@ class Policy(Protocol):
     def settings(self) -> dict[str, Any]: ...
 
     def decide(self, view: ClusterView, trigger: Event) -> list[Decision]: ...
-
-
-def needed_bytes(spec: ModelSpec) -> int:
-    """Memory a model needs once loaded: the analysis estimate, else its weights."""
-    if spec.estimate is not None and spec.estimate.total > 0:
-        return spec.estimate.total
-    return spec.weight_bytes

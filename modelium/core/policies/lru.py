@@ -73,17 +73,24 @@ class LRUPolicy:
                 if m.state == "ready" and not m.pending and m.name not in leaving and idle >= self.keep_alive_s:
                     evict(m, f"idle for {idle:.0f} s (keep-alive {self.keep_alive_s:g} s)")
 
-        wanting = [m for m in models if m.state in _NOT_RESIDENT and m.pending and m.waiting]
-        if not wanting:
+        waits = {m.name: w for m in models if m.state in _NOT_RESIDENT and m.pending and (w := m.waiting)}
+        if not waits:
             return out
+        wanting = sorted((view.models[name] for name in waits), key=lambda m: (waits[m.name][0], m.name))
         used = {d: view.used_bytes(d) for d in view.devices}
         for name in leaving:
             m = view.models[name]
             if m.device in used and m.state in ("loading", "ready"):
                 used[m.device] -= m.bytes
-        wanting.sort(key=lambda m: (m.waiting[0], m.name))
+        devices = sorted(view.devices.values(), key=lambda d: (d.kind != "gpu", d.name))
+        idle: dict[str, list[ModelView]] = {}  # device -> idle ready models, in victim order (once)
+        for x in view.models.values():
+            if x.state == "ready" and not x.pending and x.device is not None:
+                idle.setdefault(x.device, []).append(x)
+        for victims in idle.values():
+            victims.sort(key=lambda x: self.victim_key(x, now))
         for m in wanting:
-            n = len(m.waiting)
+            n = len(waits[m.name])
             if m.removed:
                 out.append(Reject(model=m.name, reason=f"model {m.name} was removed", through=view.seq, kind=ErrorKind.not_found.value))
                 continue
@@ -105,13 +112,12 @@ class LRUPolicy:
                             f"it is retried {self.retry_failed_s:g} s after a failure"),
                 ))
                 continue
-            self._place(view, m, n, now, used, leaving, out)
+            self._place(view, m, n, now, used, leaving, out, devices, idle)
         return out
 
     def _place(self, view: ClusterView, m: ModelView, n: int, now: float, used: dict[str, int],
-               leaving: set[str], out: list[Decision]) -> None:
+               leaving: set[str], out: list[Decision], devices: list, idle: dict[str, list[ModelView]]) -> None:
         need = needed_bytes(m.spec)
-        devices = sorted(view.devices.values(), key=lambda d: (d.kind != "gpu", d.name))
         if not devices:
             return
         for d in devices:
@@ -130,16 +136,13 @@ class LRUPolicy:
             if need > d.budget_bytes:
                 continue
             free = d.budget_bytes - used[d.name]
-            idle = sorted(
-                (x for x in view.models.values()
-                 if x.device == d.name and x.state == "ready" and not x.pending and x.name not in leaving),
-                key=lambda x: self.victim_key(x, now),
-            )
             chosen: list[ModelView] = []
             room = free
-            for x in idle:
+            for x in idle.get(d.name, ()):
                 if room >= need:
                     break
+                if x.name in leaving:
+                    continue
                 chosen.append(x)
                 room += x.bytes
             if room >= need and chosen:
