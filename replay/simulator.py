@@ -17,6 +17,7 @@ reason about slots: budgets of 4 x 10 GB hold four 10 GB models.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
@@ -57,6 +58,7 @@ from storage.memlog import MemoryLog
 
 # at one instant: loads finish, then requests finish, then new requests arrive, then time ticks
 _LOADED, _DONE, _ARRIVE, _TICK = 0, 1, 2, 3
+_DECISION_TYPES = frozenset(DECISIONS)
 
 
 class SimulationError(ValueError):
@@ -142,7 +144,7 @@ class Simulation:
         self.ledgers = {d: Ledger(d, b) for d, b in config.devices.items()}
         self.sizes = self._sizes()
         self.policy = self._policy()
-        self.decider = Decider(policy_for=lambda e: self.policy)
+        self.decider = Decider(policy_for=lambda e: self.policy, once=True)
         self.feed: deque[tuple[int, Any]] = deque()
         self.heap: list[tuple[float, int, int, Any]] = []
         self.order = itertools.count()
@@ -152,6 +154,8 @@ class Simulation:
         self.loads: list[tuple[float, str]] = []
         self.evictions: list[tuple[float, str]] = []
         self.memory: dict[str, list[tuple[float, int, int]]] = {d: [(self.now, 0, 0)] for d in config.devices}
+        self.resident = dict.fromkeys(config.devices, 0)  # device -> bytes of its runners
+        self.idle = dict.fromkeys(config.devices, 0)  # device -> bytes of its loaded models with no request
         self._rid = itertools.count(1)
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -191,24 +195,30 @@ class Simulation:
     # -- the log and the brain ------------------------------------------------------------------
 
     def publish(self, event: Any) -> int:
+        """Log ``event`` (stamped with the virtual time when it has none) for the brain to see."""
         seq = self.log.publish(event)
-        self.feed.append((seq, self.log.rows[-1][1]))
+        self.feed.append(self.log.rows[-1])
         return seq
 
     def settle(self) -> None:
         """Let the brain see every event in seq order, and the executor act on its decisions."""
-        while self.feed:
-            seq, event = self.feed.popleft()
-            for d in self.decider.feed(seq, event):
-                self.publish(d)
-            if isinstance(event, DECISIONS):
+        feed, decide, publish = self.feed, self.decider.feed, self.publish
+        while feed:
+            seq, event = feed.popleft()
+            for d in decide(seq, event):
+                publish(d)
+            if type(event) in _DECISION_TYPES:
                 device = device_of(event, self.state.models)
                 for _, d in self.execution.submit(seq, event, device):
                     self._execute(d, device)
 
     @property
     def state(self):
-        return self.decider.plain  # the registry fold of the log (the brain keeps it anyway)
+        # the registry fold of the log, as the brain keeps it: its view once it started (decisions
+        # are folded at their trigger, a moment before the log has them; placements and readiness
+        # are the same), the plain fold before
+        d = self.decider
+        return d.view if d.view is not None else d.plain
 
     def schedule(self, t: float, kind: int, payload: Any) -> None:
         heapq.heappush(self.heap, (t, kind, next(self.order), payload))
@@ -235,13 +245,13 @@ class Simulation:
         if why is not None:
             self.publish(LoadFailed(model=d.model, device=d.device, reason=why))
             return
-        self.publish(Reserved(device=d.device, model=d.model, bytes=d.bytes))
+        self.publish(Reserved(ts=self.now, device=d.device, model=d.model, bytes=d.bytes))
         self.runners[d.model] = {"device": d.device, "stopping": False, "reason": "", "loaded": False}
-        self.publish(LoadStarted(model=d.model, device=d.device, backend="simulated"))
+        self.publish(LoadStarted(ts=self.now, model=d.model, device=d.device, backend="simulated"))
         info = self.w.models.get(d.model)
         load_s = info.load_s if info is not None and info.load_s is not None else (self.c.load_s or 0.0)
         self.schedule(self.now + load_s, _LOADED, (d.model, load_s))
-        self._memory(d.device)
+        self._memory(d.device, resident=self.sizes[d.model])
 
     def _loaded(self, model: str, load_s: float) -> None:
         r = self.runners.get(model)
@@ -251,8 +261,9 @@ class Simulation:
             self._unload(model, f"{r['reason']} (while loading)")
             return
         r["loaded"] = True
-        self._memory(r["device"])
-        self.publish(LoadCompleted(model=model, device=r["device"], load_s=round(load_s, 6),
+        if not self.busy.get(model):
+            self._memory(r["device"], idle=self.sizes[model])
+        self.publish(LoadCompleted(ts=self.now, model=model, device=r["device"], load_s=round(load_s, 6),
                                    memory_bytes=self.sizes.get(model, 0)))
         self.loads.append((self.now, model))
         self.queues.ready(model, model, self.c.max_inflight)
@@ -279,10 +290,11 @@ class Simulation:
         r = self.runners.pop(model)
         device = r["device"]
         freed = self.ledgers[device].release(model)
-        self.publish(Released(device=device, model=model, bytes=freed))
-        self.publish(Unloaded(model=model, device=device, reason=reason))
+        self.publish(Released(ts=self.now, device=device, model=model, bytes=freed))
+        self.publish(Unloaded(ts=self.now, model=model, device=device, reason=reason))
         self.evictions.append((self.now, model))
-        self._memory(device)
+        size = self.sizes[model]
+        self._memory(device, resident=-size, idle=-size if r["loaded"] and not self.busy.get(model) else 0)
         self._after_eviction(device)
 
     def _after_eviction(self, device: str) -> None:
@@ -296,7 +308,7 @@ class Simulation:
         rid = f"sim-{next(self._rid)}"
         cold = entry is None or entry.state != "ready"
         self.records[rid] = RequestRecord(a.model, self.now, cold)
-        seq = self.publish(RequestArrived(model=a.model, request_id=rid, kind="completion",
+        seq = self.publish(RequestArrived(ts=self.now, model=a.model, request_id=rid, kind="completion",
                                           max_tokens=a.completion_tokens, tenant=a.tenant))
         service = a.service_s if a.service_s is not None else (self.c.service_s or 0.0)
         p = self.queues.admit(a.model, rid, seq, self.now, self.c.request_timeout_s,
@@ -316,8 +328,11 @@ class Simulation:
         the model's count goes from or to zero."""
         n = self.busy.get(model, 0)
         self.busy[model] = n + delta
-        if (n == 0) != (n + delta == 0) and model in self.runners:
-            self._memory(self.runners[model]["device"])
+        if (n == 0) != (n + delta == 0):
+            r = self.runners.get(model)
+            if r is not None and r["loaded"]:
+                size = self.sizes[model]
+                self._memory(r["device"], idle=size if n else -size)
 
     def _done(self, rid: str) -> None:
         p = self.queues.finish(rid)
@@ -334,7 +349,7 @@ class Simulation:
         queue_s = (p.dispatched_at or self.now) - p.arrived
         service_s = self.now - p.dispatched_at if p.dispatched_at else 0.0
         _, prompt, completion = p.payload
-        self.publish(RequestFinished(model=p.model, request_id=p.request_id, status=status,
+        self.publish(RequestFinished(ts=self.now, model=p.model, request_id=p.request_id, status=status,
                                      queue_s=round(queue_s, 6), service_s=round(service_s, 6),
                                      prompt_tokens=prompt if status == "ok" else 0,
                                      completion_tokens=completion if status == "ok" else 0,
@@ -353,19 +368,16 @@ class Simulation:
 
     # -- memory over time -------------------------------------------------------------------------
 
-    def _memory(self, device: str | None) -> None:
-        if device is None or device not in self.memory:
-            return
-        resident = idle = 0
-        for model, r in self.runners.items():
-            if r["device"] == device:
-                size = self.sizes.get(model, 0)
-                resident += size
-                if r["loaded"] and not self.busy.get(model):
-                    idle += size
+    def _memory(self, device: str, resident: int = 0, idle: int = 0) -> None:
+        """Resident and idle bytes on ``device`` changed by these amounts: a step in its series."""
+        self.resident[device] += resident
+        self.idle[device] += idle
         steps = self.memory[device]
-        if steps[-1][1:] != (resident, idle):
-            steps.append((self.now, resident, idle))
+        step = (self.now, self.resident[device], self.idle[device])
+        if steps[-1][0] == self.now:
+            steps[-1] = step
+        else:
+            steps.append(step)
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -417,8 +429,17 @@ class Simulation:
 
 
 def simulate(workload: Workload, config: Config, **kw: Any) -> Result:
-    """Run one policy over a workload."""
+    """Run one policy over a workload.
+
+    The cyclic garbage collector is paused for the run: a simulation allocates hundreds of
+    thousands of small objects that live as long as its log and form no cycles, and the
+    collector's passes over them cost a third of the run's time."""
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         return Simulation(workload, config, **kw).run()
     except WorkloadError as e:
         raise SimulationError(str(e)) from None
+    finally:
+        if collecting:
+            gc.enable()

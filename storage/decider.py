@@ -22,6 +22,9 @@ from modelium.core.policies import Policy, make_policy
 from storage.registry import State, apply
 
 
+_DECISION_TYPES = frozenset(DECISIONS)
+
+
 def policy_for(event: BrainStarted) -> Policy:
     """The policy a ``BrainStarted`` event names, with its recorded settings."""
     return make_policy(event.policy, event.settings)
@@ -34,6 +37,7 @@ class Decider:
         *,
         policy_for: Callable[[BrainStarted], Policy] = policy_for,
         horizon: int = 0,
+        once: bool = False,
     ):
         self.plain = plain if plain is not None else State()  # the registry fold, in log order
         self.view: State | None = None  # the brain's view, once a BrainStarted was seen
@@ -42,6 +46,9 @@ class Decider:
         # up to this seq, request events were rolled up by retention: the view there cannot be
         # what the live brain saw, so the logged decisions are taken as they are, none computed
         self.horizon = horizon
+        # a brain that starts once (a simulation): after its BrainStarted the plain fold is not
+        # kept, since only a later BrainStarted would need it (that one is then an error)
+        self.once = once
 
     @classmethod
     def resume(cls, state: State, policy: Policy) -> Decider:
@@ -53,24 +60,28 @@ class Decider:
 
     def feed(self, seq: int, event: Event) -> list[Decision]:
         """Fold one logged event; return the decisions the brain takes on it (stamped)."""
-        apply(self.plain, seq, event)
-        if isinstance(event, BrainStarted):
+        t = type(event)
+        if not self.once or self.view is None:
+            apply(self.plain, seq, event)
+        elif t is BrainStarted:
+            raise ValueError(f"a second BrainStarted (seq {seq}) in a run whose brain starts once")
+        if t is BrainStarted:
             self.view = self.plain.copy()
             self.policy = self._policy_for(event)
             return []
         if self.view is None:
             return []
-        if isinstance(event, DECISIONS):
+        if t in _DECISION_TYPES:
             if event.trigger <= self.horizon:
                 apply(self.view, seq, event)  # taken as logged (see horizon)
             return []
         apply(self.view, seq, event)
         if seq <= self.horizon:
             return []
-        decisions = [
-            msgspec.structs.replace(d, ts=event.ts, policy=self.policy.name, trigger=seq)
-            for d in self.policy.decide(self.view, event)
-        ]
+        decided = self.policy.decide(self.view, event)
+        if not decided:
+            return decided
+        decisions = [msgspec.structs.replace(d, ts=event.ts, policy=self.policy.name, trigger=seq) for d in decided]
         for d in decisions:
             apply(self.view, seq, d)
         return decisions

@@ -93,8 +93,10 @@ class ModelEntry:
 
     @property
     def waiting(self) -> list[int]:
-        """Arrival seqs of pending requests that still want this model (not rejected)."""
-        return sorted(s for s in self.pending.values() if s > self.rejected_through)
+        """Arrival seqs of pending requests that still want this model (not rejected), oldest
+        first (``pending`` is filled in seq order)."""
+        through = self.rejected_through
+        return [s for s in self.pending.values() if s > through]
 
 
 @dataclass
@@ -120,6 +122,9 @@ class State:
     restarts: int = 0  # server starts seen
     policy: str = ""
     actor_crashes: int = 0
+    # indexes kept by the fold, so that a policy asked on every event need not scan every model
+    asked: set[str] = field(default_factory=set)  # models with requests pending
+    flagged: set[str] = field(default_factory=set)  # models removed, or changed while resident
 
     def copy(self) -> State:
         return copy.deepcopy(self)
@@ -143,11 +148,21 @@ def _drop_if_gone(state: State, m: ModelEntry) -> None:
     """A removed model's entry stays while it is resident or requests still wait on it."""
     if m.removed and m.state not in RESIDENT and not m.pending:
         del state.models[m.name]
+        state.flagged.discard(m.name)
+
+
+def _flag(state: State, m: ModelEntry) -> None:
+    """Keep ``state.flagged`` true to ``m.removed or m.stale``."""
+    if m.removed or m.stale:
+        state.flagged.add(m.name)
+    else:
+        state.flagged.discard(m.name)
 
 
 def _unloaded(state: State, m: ModelEntry, reason: str) -> None:
     _forget_placement(m)
     m.stale = False
+    _flag(state, m)
     if m.invalid_reason:
         m.state, m.reason, m.spec, m.invalid_reason = "invalid", m.invalid_reason, None, ""
     else:
@@ -167,11 +182,14 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         if m is not None:
             m.pending[event.request_id] = seq
             m.last_used, m.used_seq = event.ts, seq
+            state.asked.add(m.name)
     elif t is RequestFinished:
         m = _model(state, event.model)
         if m is not None:
             m.pending.pop(event.request_id, None)
             m.last_used, m.used_seq = event.ts, seq
+            if not m.pending:
+                state.asked.discard(m.name)
             _drop_if_gone(state, m)
             st = m.stats
             setattr(st, event.status, getattr(st, event.status) + 1)
@@ -195,6 +213,7 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         state.server_pid = event.pid
         state.started_at = event.ts
         state.restarts += 1
+        state.asked.clear()
         for m in list(state.models.values()):
             m.pending.clear()
             m.rejected_through = seq
@@ -221,6 +240,7 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             if m.state in ("invalid", "failed"):
                 m.state = "unloaded" if m.loads else "discovered"
             m.reason = ""
+        _flag(state, m)
     elif t is ModelInvalid:
         m = state.models.get(event.model)
         if m is None:
@@ -235,10 +255,12 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.state = "invalid"
             m.reason = event.reason
             m.spec = None
+        _flag(state, m)
     elif t is ModelRemoved:
         m = state.models.get(event.model)
         if m is not None:
             m.removed = True
+            state.flagged.add(m.name)
             _drop_if_gone(state, m)
     elif t is DeviceRegistered:
         old = state.devices.get(event.device)

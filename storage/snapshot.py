@@ -22,7 +22,7 @@ from storage.logfile import check_schema, connect, damaged
 from storage.reader import read_events
 from storage.registry import State, fold
 
-FOLD_VERSION = 1
+FOLD_VERSION = 2
 
 _SCHEMA: str | None = None
 

@@ -11,7 +11,7 @@ storage layer that implements it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set as AbstractSet
 from typing import Any, Protocol
 
 from modelium.core.memory import needed_bytes
@@ -53,6 +53,8 @@ class ClusterView(Protocol):
     ts: float
     models: Mapping[str, ModelView]
     devices: Mapping[str, DeviceView]
+    asked: AbstractSet[str]  # models with requests pending
+    flagged: AbstractSet[str]  # models whose folder was removed, or whose files changed while resident
 
     def used_bytes(self, device: str) -> int: ...
 

@@ -26,6 +26,7 @@ from modelium.core.policies.base import ClusterView, Decision, Evict, Load, Mode
 
 
 _NOT_RESIDENT = ("discovered", "unloaded", "failed", "invalid")
+_PLACED = ("loading", "ready")  # holds memory that a new placement cannot use
 
 
 class LRUPolicy:
@@ -54,41 +55,60 @@ class LRUPolicy:
     def decide(self, view: ClusterView, trigger: Event) -> list[Decision]:
         now = trigger.ts
         out: list[Decision] = []
+        models = view.models
+        # the brain asks on every event: this reads the fold's indexes (models asked for, models
+        # flagged) and sorts only what it acts on; a Tick alone looks at every model
+        waits = {}
+        for name in view.asked:
+            m = models[name]
+            if m.state in _NOT_RESIDENT and (w := m.waiting):
+                waits[name] = w
+        tick = type(trigger) is Tick
+        if not waits and not view.flagged and not tick:
+            return out
         leaving: set[str] = set()
-        # (what follows only sorts what it acts on: the brain asks on every event)
-        models = view.models.values()
 
         def evict(m: ModelView, reason: str) -> None:
             out.append(Evict(model=m.name, reason=reason))
             leaving.add(m.name)
 
-        for m in sorted((m for m in models if m.state == "ready" and not m.pending and (m.removed or m.stale)),
-                        key=lambda m: m.name):
-            evict(m, "model folder removed" if m.removed
-                  else "model files changed; the new version loads on the next request")
+        for name in sorted(view.flagged):
+            m = models[name]
+            if m.state == "ready" and not m.pending:
+                evict(m, "model folder removed" if m.removed
+                      else "model files changed; the new version loads on the next request")
 
-        if isinstance(trigger, Tick):
-            for m in sorted(models, key=lambda m: m.name):
+        if tick:
+            for name in sorted(models):
+                m = models[name]
                 idle = now - m.last_used
-                if m.state == "ready" and not m.pending and m.name not in leaving and idle >= self.keep_alive_s:
+                if m.state == "ready" and not m.pending and name not in leaving and idle >= self.keep_alive_s:
                     evict(m, f"idle for {idle:.0f} s (keep-alive {self.keep_alive_s:g} s)")
 
-        waits = {m.name: w for m in models if m.state in _NOT_RESIDENT and m.pending and (w := m.waiting)}
         if not waits:
             return out
         wanting = sorted((view.models[name] for name in waits), key=lambda m: (waits[m.name][0], m.name))
-        used = {d: view.used_bytes(d) for d in view.devices}
-        for name in leaving:
-            m = view.models[name]
-            if m.device in used and m.state in ("loading", "ready"):
-                used[m.device] -= m.bytes
+        # one pass over the models: memory placed per device (loading or ready, as
+        # ``view.used_bytes``), and each device's idle ready models (to be put in victim order)
+        used = dict.fromkeys(view.devices, 0)
+        idle: dict[str, list[ModelView]] = {}
+        for x in models.values():
+            if x.device is not None and x.state in _PLACED:
+                if x.device in used and x.name not in leaving:
+                    used[x.device] += x.bytes
+                if x.state == "ready" and not x.pending:
+                    idle.setdefault(x.device, []).append(x)
         devices = sorted(view.devices.values(), key=lambda d: (d.kind != "gpu", d.name))
-        idle: dict[str, list[ModelView]] = {}  # device -> idle ready models, in victim order (once)
-        for x in view.models.values():
-            if x.state == "ready" and not x.pending and x.device is not None:
-                idle.setdefault(x.device, []).append(x)
         for victims in idle.values():
             victims.sort(key=lambda x: self.victim_key(x, now))
+
+        def reach() -> int:
+            """The most memory any device could offer now: its free bytes and its idle models'."""
+            return max(d.budget_bytes - used[d.name] + sum(x.bytes for x in idle.get(d.name, ()) if x.name not in leaving)
+                       for d in devices) if devices else -1
+
+        biggest = max((d.budget_bytes for d in devices), default=0)
+        spare = reach()
         for m in wanting:
             n = len(waits[m.name])
             if m.removed:
@@ -112,7 +132,12 @@ class LRUPolicy:
                             f"it is retried {self.retry_failed_s:g} s after a failure"),
                 ))
                 continue
+            if spare < needed_bytes(m.spec) <= biggest:
+                continue  # memory is held by busy or loading models: the requests keep waiting
+            decided = len(out)
             self._place(view, m, n, now, used, leaving, out, devices, idle)
+            if len(out) != decided:
+                spare = reach()
         return out
 
     def _place(self, view: ClusterView, m: ModelView, n: int, now: float, used: dict[str, int],
