@@ -51,6 +51,11 @@ class Allocator(Actor):
             await trio.sleep(self.sample_s)
 
     async def handle(self, msg: Any, reply: Reply | None) -> Any:
+        if isinstance(msg, Reserve) and msg.measured:
+            if self.ledger.adjust(msg.model, msg.bytes) is None:
+                return Refused(device=self.device.name, reason=f"{msg.model} holds nothing on {self.device.name}")
+            self.log.publish(Reserved(device=self.device.name, model=msg.model, bytes=msg.bytes, measured=True))
+            return Granted(device=self.device.name, bytes=msg.bytes)
         if isinstance(msg, Reserve):
             again = self.ledger.held.get(msg.model) == msg.bytes
             why = self.ledger.reserve(msg.model, msg.bytes)

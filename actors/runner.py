@@ -33,6 +33,7 @@ from actors.base import Actor, Reply, Service
 from modelium.backends.base import Outcome
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.core.execution import Execution, device_of
+from modelium.core.memory import loaded_bytes
 from modelium.hardware import DeviceInfo
 from modelium.core.messages import (
     Cancel,
@@ -95,8 +96,10 @@ def result_of(request_id: str, outcome: Outcome, cancel_kind: str, started: floa
 
 class Runner(Actor):
     def __init__(self, *, log: EventLog, model: str, spec: ModelSpec, device: DeviceInfo, nbytes: int,
-                 backend: Any, allocator: Actor, router: Actor, grace_s: float, max_inflight: int):
+                 backend: Any, allocator: Actor, router: Actor, grace_s: float, max_inflight: int,
+                 measured_memory: bool = True):
         super().__init__(f"runner:{model}")
+        self.measured_memory = measured_memory
         self.log = log
         self.model = model
         self.spec = spec
@@ -162,6 +165,13 @@ class Runner(Actor):
         if failure is not None:
             return LoadFailed(model=m, device=dev, reason=failure, detail=detail[-4000:])
         w = self.worker
+        if self.measured_memory and w.memory_bytes > 0:
+            # what the worker measured replaces the estimate in the device's ledger (and, through
+            # the log, in the brain's view and the next placement of this model version)
+            held = loaded_bytes(self.spec, w.memory_bytes, w.memory_source)
+            if held != self.nbytes:
+                await self.allocator.ask(Reserve(model=m, bytes=held, measured=True))
+                self.nbytes = held
         from_spare = getattr(w, "from_spare", False)
         hello_at = getattr(w, "hello_at", None) or t0
         self.log.publish(LoadCompleted(model=m, device=dev, load_s=round(trio.current_time() - t0, 4),
@@ -294,9 +304,10 @@ class Runners(Service):
 
     def __init__(self, log: EventLog, registry: State, *, devices: dict[str, DeviceInfo],
                  allocators: dict[str, Actor], router: Actor, backends: dict[str, Any], runner_nursery: trio.Nursery,
-                 grace_s: float = 30.0, max_inflight: int = 8):
+                 grace_s: float = 30.0, max_inflight: int = 8, measured_memory: bool = True):
         super().__init__()
         self.log = log
+        self.measured_memory = measured_memory
         self.registry = registry
         self.devices = devices
         self.allocators = allocators
@@ -370,7 +381,7 @@ class Runners(Service):
             return
         runner = Runner(log=self.log, model=d.model, spec=entry.spec, device=device, nbytes=d.bytes,
                         backend=backend, allocator=allocator, router=self.router, grace_s=self.grace_s,
-                        max_inflight=self.max_inflight)
+                        max_inflight=self.max_inflight, measured_memory=self.measured_memory)
         self.runners[d.model] = runner
         self._runner_nursery.start_soon(self._run_runner, runner, name=runner.name)
 

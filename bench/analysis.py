@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modelium.core.analysis import AnalysisOptions, analyse, diff, scan_root  # noqa: E402
+from modelium.core.memory import estimate  # noqa: E402
 from modelium.core.messages import ModelSpec  # noqa: E402
 
 CONFIG = {
@@ -138,7 +139,7 @@ def main() -> None:
               f"({med / n_tensors * 1e6:.2f} us/tensor)")
         print(f"  -> param_count {spec.param_count:,}, weight_bytes {spec.weight_bytes / 2**30:.1f} GiB, "
               f"kv {spec.kv_bytes_per_token:,} B/token, backend {spec.backend}")
-        print(f"  -> estimate: {spec.estimate.notes}")
+        print(f"  -> estimate: {estimate(spec).notes}")
 
 
 if __name__ == "__main__":

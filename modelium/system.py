@@ -181,7 +181,8 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
             runners = sup.start(root, Runners(elog, registry, devices={d.name: d for d in devs},
                                               allocators=allocators, router=router, backends=backends,
                                               runner_nursery=root, grace_s=settings.drain_s,
-                                              max_inflight=settings.max_inflight))
+                                              max_inflight=settings.max_inflight,
+                                              measured_memory=settings.measured_memory))
             brain = sup.start(root, Brain(elog, registry, policy))
             watcher = sup.start(root, Watcher(elog, registry, settings.models_dirs,
                                               interval_s=settings.scan_interval_s, settle_s=settings.settle_s,

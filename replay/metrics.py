@@ -52,7 +52,8 @@ def summarize(result: Any, *, slo_s: float | None = None, thrash_s: float = 60.0
             thrash += 1
     memory = sum(_gb_h(steps, result.end, 1) for steps in result.memory.values())
     idle = sum(_gb_h(steps, result.end, 2) for steps in result.memory.values())
-    ttft = waits
+    # time to first token: the queue wait plus the workload's time from dispatch to the first token
+    ttft = [r.first_token - r.arrived for r in reqs if not math.isnan(r.first_token)]
     return {
         "requests": n,
         "cold_starts": cold,

@@ -35,7 +35,6 @@ from modelium.core.messages import (
     LoadCompleted,
     LoadFailed,
     LoadStarted,
-    MemoryEstimate,
     ModelDiscovered,
     ModelSpec,
     Reject,
@@ -97,6 +96,7 @@ class RequestRecord:
     arrived: float
     cold: bool  # its model was not loaded and ready when it arrived
     dispatched: float = math.nan
+    first_token: float = math.nan  # dispatched + the workload's time to first token (0 when unknown)
     finished: float = math.nan
     status: str = ""
 
@@ -161,16 +161,21 @@ class Simulation:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _sizes(self) -> dict[str, int]:
+        """Model -> bytes it holds once loaded; ``self.estimates``: model -> bytes a placement
+        reserves before its first load (the same, unless the workload says otherwise)."""
         sizes = {}
+        self.estimates: dict[str, int] = {}
         biggest = max(self.c.devices.values())
         for name, info in sorted(self.w.models.items()):
             size = info.bytes if info.bytes is not None else self.c.model_bytes
             if size is None:
                 raise SimulationError(f"model {name} has no size in workload {self.w.name}: give --model-bytes")
-            if size > biggest:
-                raise SimulationError(f"model {name} needs {size:,} bytes, more than any device holds "
+            est = info.estimate_bytes if info.bytes is not None and info.estimate_bytes is not None else size
+            if max(size, est) > biggest:
+                raise SimulationError(f"model {name} needs {max(size, est):,} bytes, more than any device holds "
                                       f"(the largest: {biggest:,} bytes)")
             sizes[name] = int(size)
+            self.estimates[name] = int(est)
         return sizes
 
     def _policy(self) -> Policy:
@@ -186,11 +191,11 @@ class Simulation:
             raise SimulationError(str(e)) from None
 
     def _spec(self, name: str) -> ModelSpec:
-        size = self.sizes[name]
+        # the estimate (modelium.core.memory) of this spec is exactly the workload's size: its
+        # weights, no runtime overhead, no KV cache
         return ModelSpec(name=name, path=f"simulated/{name}", fingerprint=f"sim-{name}", architecture="Simulated",
-                         model_type="simulated", task="text-generation", weight_bytes=size,
-                         estimate=MemoryEstimate(weights=size, overhead=0, total=size,
-                                                 notes="simulated: the workload's size, as given"))
+                         model_type="simulated", task="text-generation", weight_bytes=self.estimates[name],
+                         notes=["simulated: the workload's size, as given"])
 
     # -- the log and the brain ------------------------------------------------------------------
 
@@ -246,12 +251,13 @@ class Simulation:
             self.publish(LoadFailed(model=d.model, device=d.device, reason=why))
             return
         self.publish(Reserved(ts=self.now, device=d.device, model=d.model, bytes=d.bytes))
-        self.runners[d.model] = {"device": d.device, "stopping": False, "reason": "", "loaded": False}
+        self.runners[d.model] = {"device": d.device, "stopping": False, "reason": "", "loaded": False,
+                                 "bytes": d.bytes}
         self.publish(LoadStarted(ts=self.now, model=d.model, device=d.device, backend="simulated"))
         info = self.w.models.get(d.model)
         load_s = info.load_s if info is not None and info.load_s is not None else (self.c.load_s or 0.0)
         self.schedule(self.now + load_s, _LOADED, (d.model, load_s))
-        self._memory(d.device, resident=self.sizes[d.model])
+        self._memory(d.device, resident=d.bytes)
 
     def _loaded(self, model: str, load_s: float) -> None:
         r = self.runners.get(model)
@@ -261,8 +267,14 @@ class Simulation:
             self._unload(model, f"{r['reason']} (while loading)")
             return
         r["loaded"] = True
+        size, device = self.sizes[model], r["device"]
+        if size != r["bytes"]:  # measured: the ledger holds what the model holds (as a live runner does)
+            self.ledgers[device].adjust(model, size)
+            self.publish(Reserved(ts=self.now, device=device, model=model, bytes=size, measured=True))
+            self._memory(device, resident=size - r["bytes"])
+            r["bytes"] = size
         if not self.busy.get(model):
-            self._memory(r["device"], idle=self.sizes[model])
+            self._memory(device, idle=size)
         self.publish(LoadCompleted(ts=self.now, model=model, device=r["device"], load_s=round(load_s, 6),
                                    memory_bytes=self.sizes.get(model, 0)))
         self.loads.append((self.now, model))
@@ -293,7 +305,7 @@ class Simulation:
         self.publish(Released(ts=self.now, device=device, model=model, bytes=freed))
         self.publish(Unloaded(ts=self.now, model=model, device=device, reason=reason))
         self.evictions.append((self.now, model))
-        size = self.sizes[model]
+        size = r["bytes"]
         self._memory(device, resident=-size, idle=-size if r["loaded"] and not self.busy.get(model) else 0)
         self._after_eviction(device)
 
@@ -311,8 +323,9 @@ class Simulation:
         seq = self.publish(RequestArrived(ts=self.now, model=a.model, request_id=rid, kind="completion",
                                           max_tokens=a.completion_tokens, tenant=a.tenant))
         service = a.service_s if a.service_s is not None else (self.c.service_s or 0.0)
+        first = min(a.ttft_s or 0.0, service)
         p = self.queues.admit(a.model, rid, seq, self.now, self.c.request_timeout_s,
-                              (service, a.prompt_tokens, a.completion_tokens))
+                              (service, a.prompt_tokens, a.completion_tokens, first))
         self._busy(a.model, +1)
         self.settle()
         if p.queued:
@@ -320,7 +333,8 @@ class Simulation:
 
     def _dispatch(self, model: str) -> None:
         for p in self.queues.dispatch(model, self.now):
-            self.records[p.request_id].dispatched = self.now
+            rec = self.records[p.request_id]
+            rec.dispatched, rec.first_token = self.now, self.now + p.payload[3]
             self.schedule(self.now + p.payload[0], _DONE, p.request_id)
 
     def _busy(self, model: str, delta: int) -> None:
@@ -331,7 +345,7 @@ class Simulation:
         if (n == 0) != (n + delta == 0):
             r = self.runners.get(model)
             if r is not None and r["loaded"]:
-                size = self.sizes[model]
+                size = r["bytes"]
                 self._memory(r["device"], idle=size if n else -size)
 
     def _done(self, rid: str) -> None:
@@ -348,7 +362,7 @@ class Simulation:
     def _finish(self, p: Any, status: str, kind: str = "", error: str = "") -> None:
         queue_s = (p.dispatched_at or self.now) - p.arrived
         service_s = self.now - p.dispatched_at if p.dispatched_at else 0.0
-        _, prompt, completion = p.payload
+        _, prompt, completion, _ = p.payload
         self.publish(RequestFinished(ts=self.now, model=p.model, request_id=p.request_id, status=status,
                                      queue_s=round(queue_s, 6), service_s=round(service_s, 6),
                                      prompt_tokens=prompt if status == "ok" else 0,

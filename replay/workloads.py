@@ -12,8 +12,10 @@ message says what is wrong and where):
 ``from_csv(path, *, skip_bad=False)``
     A CSV file with a header. Required columns: ``ts`` (seconds as a number, or an ISO 8601
     time such as ``2023-11-16 18:17:03.97996`` or ``2023-11-16T18:17:03Z``; a time without a
-    zone is UTC) and ``model``. Optional: ``service_s``, ``load_s``, ``bytes``,
-    ``prompt_tokens``, ``completion_tokens``, ``tenant``, ``priority``. Column names are matched
+    zone is UTC) and ``model``. Optional: ``service_s``, ``ttft_s`` (from the start of service
+    to the first token), ``load_s``, ``bytes``, ``prompt_tokens``, ``completion_tokens``,
+    ``tenant`` (carried into the simulated ``RequestArrived``), ``priority`` (kept on each
+    arrival; no live rule reads priorities yet). Column names are matched
     without regard to case or surrounding spaces; other columns are ignored (and named in the
     notes). ``load_s`` and ``bytes`` describe the model: the first row's value wins. Times are
     shifted so that the first arrival is at 0; ``start`` keeps the origin in the file's own
@@ -35,7 +37,8 @@ load_s=None, service_s=None, **params)``
     per-request time or ``None``. The same arguments give the same workload.
 ``from_log(path, *, since=None, until=None)``
     The requests of a Modelium event log: each ``RequestArrived`` with its ``RequestFinished``
-    (by ``request_id``), model sizes from the models' specs, load times (the median of the
+    (by ``request_id``: service time and time to first token of those that finished ok), model
+    sizes (measured once loaded, estimated before), load times (the median of the
     model's ``LoadCompleted.load_s``). ``since``/``until`` cut the arrivals; see :func:`from_log`
     for how a seq is told from a time.
 ``fit_times(path)``
@@ -66,7 +69,9 @@ from modelium.core.messages import (
     RequestArrived,
     RequestFinished,
     RequestsRolledUp,
+    Reserved,
 )
+from modelium.core.memory import needed_bytes
 from storage.eventlog import LogError, read_events
 
 TRACES = Path(__file__).resolve().parent / "traces"
@@ -99,6 +104,7 @@ class Arrival:
     completion_tokens: int = 0
     tenant: str = ""
     priority: int = 0
+    ttft_s: float | None = None  # from the start of service to the first token; None: unknown (0)
 
 
 @dataclass
@@ -106,6 +112,9 @@ class ModelInfo:
     name: str
     bytes: int | None = None  # None: unknown (the simulator uses --model-bytes)
     load_s: float | None = None  # None: unknown
+    # what a placement reserves before the model was ever measured (a log's estimate), when it
+    # differs from ``bytes`` (what it holds once loaded and measured); None: ``bytes`` throughout
+    estimate_bytes: int | None = None
 
 
 @dataclass
@@ -188,7 +197,8 @@ def _zipf_note(used: Counter, models: int, zipf: float, seed: Any, total: int) -
 # ----------------------------------------------------------------------------------------------
 
 CSV_REQUIRED = ("ts", "model")
-CSV_OPTIONAL = ("service_s", "load_s", "bytes", "prompt_tokens", "completion_tokens", "tenant", "priority")
+CSV_OPTIONAL = ("service_s", "load_s", "bytes", "prompt_tokens", "completion_tokens", "tenant", "priority",
+                "ttft_s")
 CSV_COLUMNS = CSV_REQUIRED + CSV_OPTIONAL
 
 
@@ -252,7 +262,8 @@ def _csv_row(row: list[str], idx: dict[str, int], width: int) -> dict[str, Any]:
     if not model:
         raise _BadRow("model is empty")
     out: dict[str, Any] = {"ts": ts, "iso": iso, "model": model, "tenant": cell("tenant")}
-    for col, whole, signed in (("service_s", False, False), ("load_s", False, False), ("bytes", True, False),
+    for col, whole, signed in (("service_s", False, False), ("ttft_s", False, False), ("load_s", False, False),
+                               ("bytes", True, False),
                                ("prompt_tokens", True, False), ("completion_tokens", True, False),
                                ("priority", True, True)):
         text = cell(col)
@@ -364,7 +375,7 @@ def from_csv(path: str | Path, *, skip_bad: bool = False) -> Workload:
     arrivals = [
         Arrival(ts=r["ts"] - origin, model=r["model"], service_s=r["service_s"],
                 prompt_tokens=r["prompt_tokens"] or 0, completion_tokens=r["completion_tokens"] or 0,
-                tenant=r["tenant"], priority=r["priority"] or 0)
+                tenant=r["tenant"], priority=r["priority"] or 0, ttft_s=r["ttft_s"])
         for r in rows
     ]
     if rows[0]["iso"]:
@@ -542,9 +553,7 @@ def synthetic(pattern: str, *, seed: int = 0, requests: int = 1000, models: int 
 
 
 def _spec_bytes(spec: ModelSpec) -> int | None:
-    if spec.estimate is not None and spec.estimate.total:
-        return spec.estimate.total
-    return spec.weight_bytes or None
+    return needed_bytes(spec) or None
 
 
 def _cut(name: str, value: Any) -> tuple[str, float] | None:
@@ -607,8 +616,10 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
 
     Only arrivals are cut: a request's ``RequestFinished``, model specs and load times are read
     from the whole log. A request that did not finish "ok" (or has no ``RequestFinished``) has an
-    unknown ``service_s``; sizes are the model's last spec (``estimate.total``, else
-    ``weight_bytes``); ``load_s`` is the median of its ``LoadCompleted.load_s``.
+    unknown ``service_s``; a model's size is what the device's ledger held once it was loaded and
+    measured (the last ``Reserved`` with ``measured``), and until its first load the estimate of
+    its last spec (``estimate_bytes``), as the live server placed it; ``load_s`` is the median of
+    its ``LoadCompleted.load_s``.
     """
     path = Path(path)
     lo, hi = _cut("since", since), _cut("until", until)
@@ -631,13 +642,14 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
     statuses: Counter = Counter()
     rolled = rolled_arrivals = 0
     first_seq = last_seq = 0
-    types = (RequestArrived, RequestFinished, ModelDiscovered, ModelChanged, LoadCompleted, RequestsRolledUp)
+    measured: dict[str, int] = {}
+    types = (RequestArrived, RequestFinished, ModelDiscovered, ModelChanged, LoadCompleted, RequestsRolledUp, Reserved)
     for seq, e in _events(path, types):
         if isinstance(e, RequestArrived):
             if after_since(seq, e.ts) and before_until(seq, e.ts):
                 pending[e.request_id] = len(rows)
                 rows.append({"ts": e.ts, "model": e.model, "tenant": e.tenant, "service_s": None,
-                             "prompt_tokens": 0, "completion_tokens": 0})
+                             "prompt_tokens": 0, "completion_tokens": 0, "ttft_s": None})
                 first_seq = first_seq or seq
                 last_seq = seq
         elif isinstance(e, RequestFinished):
@@ -648,12 +660,16 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
                 r["prompt_tokens"], r["completion_tokens"] = e.prompt_tokens, e.completion_tokens
                 if e.status == "ok":
                     r["service_s"] = e.service_s
+                    r["ttft_s"] = e.ttft_s or None
         elif isinstance(e, (ModelDiscovered, ModelChanged)):
             sizes[e.model] = b = _spec_bytes(e.spec)
             if b is not None:
                 size_changes.setdefault(e.model, set()).add(b)
         elif isinstance(e, LoadCompleted):
             loads.setdefault(e.model, []).append(e.load_s)
+        elif isinstance(e, Reserved):
+            if e.measured:
+                measured[e.model] = e.bytes
         elif isinstance(e, RequestsRolledUp):
             if after_since(e.last_seq, e.last_ts) and before_until(e.first_seq, e.minute):  # overlaps the cut
                 rolled += 1
@@ -666,13 +682,14 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
     rows.sort(key=lambda r: r["ts"])  # stable: ties keep the log's order
     arrivals = [Arrival(ts=r["ts"] - origin, model=r["model"], service_s=r["service_s"],
                         prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
-                        tenant=r["tenant"]) for r in rows]
+                        tenant=r["tenant"], ttft_s=r["ttft_s"]) for r in rows]
     models: dict[str, ModelInfo] = {}
     for a in arrivals:
         if a.model not in models:
             ls = loads.get(a.model)
-            models[a.model] = ModelInfo(a.model, bytes=sizes.get(a.model),
-                                        load_s=statistics.median(ls) if ls else None)
+            est, held = sizes.get(a.model), measured.get(a.model)
+            models[a.model] = ModelInfo(a.model, bytes=held or est, load_s=statistics.median(ls) if ls else None,
+                                        estimate_bytes=est if held and est and held != est else None)
 
     notes = [f"{len(arrivals)} requests from the event log {path} ({cut}; arrivals seq {first_seq}..{last_seq}); "
              f"ts 0 is {_utc(origin)}"]
@@ -803,7 +820,7 @@ def fit_times(path: str | Path) -> TimeModel:
     """Fit load and service times on a Modelium event log.
 
     Load: ``LoadCompleted.load_s`` against the size of the model's spec at that point of the log
-    (``estimate.total``, else ``weight_bytes``), least squares over all models; the mean when
+    (its estimate, ``modelium.core.memory.needed_bytes``), least squares over all models; the mean when
     fewer than 2 distinct sizes were loaded. Service: per model, ``service_s`` of the requests
     that finished "ok" against their completion tokens (intercept + slope), the mean when the
     token counts do not vary; also one fit over all models, for models the log never served.
@@ -870,7 +887,6 @@ def sizes_from_folder(workload: Workload, folder: str | Path) -> Workload:
     """Fill unknown model sizes from a models folder: each model's folder ``folder/NAME`` is
     analysed (headers only, as the server does) and its memory estimate is its size."""
     from modelium.core.analysis import Invalid, analyse
-    from modelium.core.memory import needed_bytes
 
     folder = Path(folder)
     if not folder.is_dir():

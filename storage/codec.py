@@ -35,6 +35,23 @@ def _reject_v1_to_v2(body: dict) -> dict:
 
 UPCASTERS[("Reject", 1)] = _reject_v1_to_v2
 
+
+def _spec_v1_to_v2(body: dict) -> dict:
+    """ModelDiscovered/ModelChanged v1 froze the memory estimate into the spec; v2 keeps what it
+    is sized for (context, concurrency, runtime overhead), from which the same total follows."""
+    body = dict(body)
+    spec = dict(body.get("spec") or {})
+    est = spec.pop("estimate", None) or {}
+    spec.setdefault("context_tokens", int(est.get("context_tokens", 0)))
+    spec.setdefault("concurrency", max(1, int(est.get("concurrency", 1))))
+    spec.setdefault("runtime_overhead_bytes", int(est.get("overhead", 0)))
+    body["spec"] = spec
+    return body
+
+
+UPCASTERS[("ModelDiscovered", 1)] = _spec_v1_to_v2
+UPCASTERS[("ModelChanged", 1)] = _spec_v1_to_v2
+
 Row = tuple[int, float, str, "str | None", int, bytes]  # (seq, ts, type, model, v, body): one events row
 
 

@@ -89,6 +89,10 @@ class ModelEntry:
     invalid_reason: str = ""  # became invalid while resident: invalid once unloaded
     removed: bool = False  # folder gone while resident or awaited: dropped once neither
     pid: int = 0
+    # what the device's ledger held for the last load of this model, once measured, and the
+    # version (fingerprint) that load was of: the next placement of the same version uses it
+    measured_bytes: int = 0
+    measured_fingerprint: str = ""
     stats: RequestStats = field(default_factory=RequestStats)
 
     @property
@@ -277,6 +281,11 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         d = state.devices.get(event.device)
         if d is not None:
             d.reserved[event.model] = event.bytes
+        if event.measured:
+            m = _model(state, event.model)
+            if m is not None and m.device == event.device:
+                m.bytes = event.bytes
+                m.measured_bytes, m.measured_fingerprint = event.bytes, m.fingerprint
     elif t is Released:
         d = state.devices.get(event.device)
         if d is not None:

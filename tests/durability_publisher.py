@@ -33,6 +33,7 @@ import trio
 
 import modelium.system as system
 from modelium.core.config import Settings
+from modelium.core.memory import needed_bytes
 from modelium.core.messages import (
     BrainStarted,
     DeviceRegistered,
@@ -42,7 +43,6 @@ from modelium.core.messages import (
     LoadCompleted,
     LoadFailed,
     LoadStarted,
-    MemoryEstimate,
     ModelChanged,
     ModelDiscovered,
     ModelInvalid,
@@ -78,9 +78,8 @@ def spec(rng: random.Random, name: str, version: int) -> ModelSpec:
         bytes_per_dtype={"bfloat16": weights}, params_per_dtype={"bfloat16": weights // 2},
         weight_files=["model.safetensors"], has_tokenizer=True, has_chat_template=rng.random() < 0.5,
         max_context=rng.choice([2048, 4096, 8192]), kv_bytes_per_token=rng.randrange(1, 64) * 1024,
-        estimate=MemoryEstimate(weights=weights, overhead=384 * 2**20, kv_cache=rng.randrange(0, 2**30),
-                                total=weights + 384 * 2**20, notes="estimate", context_tokens=4096,
-                                concurrency=1),
+        context_tokens=rng.choice([0, 256, 4096]), concurrency=rng.randrange(1, 4),
+        runtime_overhead_bytes=384 * 2**20,
         dtype="bfloat16", tags=["test"], notes=[f"seed note {rng.random()}"],
     )
 
@@ -161,7 +160,7 @@ class Stream:
         pub = self.publish
         if m.state in ("discovered", "unloaded", "failed"):
             dev = rng.choice(list(DEVICES))
-            size = (m.spec.estimate.total if m.spec and m.spec.estimate else 2**30)
+            size = needed_bytes(m.spec) if m.spec else 2**30
             pub(Load(model=name, reason=f"request waiting ({len(m.pending)} queued)", policy="lru",
                      trigger=self.log.last_seq, device=dev, bytes=size))
             pub(Reserved(device=dev, model=name, bytes=size))

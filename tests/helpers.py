@@ -4,7 +4,6 @@ from modelium.core.messages import (
     DeviceRegistered,
     LoadCompleted,
     LoadStarted,
-    MemoryEstimate,
     ModelDiscovered,
     ModelSpec,
     RequestArrived,
@@ -17,8 +16,7 @@ MiB = 2**20
 def spec(name: str, mib: int = 100, task: str = "text-generation") -> ModelSpec:
     return ModelSpec(
         name=name, path=f"/models/{name}", fingerprint=f"fp-{name}", architecture="LlamaForCausalLM",
-        model_type="llama", task=task, weight_bytes=mib * MiB,
-        estimate=MemoryEstimate(weights=mib * MiB, overhead=0, total=mib * MiB),
+        model_type="llama", task=task, weight_bytes=mib * MiB,  # its estimate: exactly its weights
     )
 
 

@@ -23,13 +23,13 @@ from modelium.core.analysis import (
     Invalid,
     analyse,
     diff,
-    estimate_memory,
     fingerprint,
     sanitize_name,
     scan_root,
 )
 from modelium.demo import write_tiny_model
 from modelium.core.messages import ModelSpec
+from modelium.core.memory import estimate, estimate_parts, needed_bytes
 
 OVERHEAD = AnalysisOptions().runtime_overhead_bytes
 
@@ -117,12 +117,15 @@ def test_llama_tiny_chat_gqa(tiny):
     assert spec.max_context == 256
     # 2 (K and V) * 2 layers * 2 kv heads (GQA, not 4 heads) * 16 head dim * 4 bytes (float32)
     assert spec.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4 == 512
-    est = spec.estimate
+    # the estimate is computed from the spec (nothing freezes it into the spec)
+    assert (spec.context_tokens, spec.concurrency, spec.runtime_overhead_bytes) == (256, 1, OVERHEAD)
+    est = estimate(spec)
     assert est.weights == nbytes and est.overhead == OVERHEAD
     assert est.context_tokens == 256 and est.concurrency == 1  # min(max_context, 4096)
     assert est.kv_cache == 512 * 256
     assert est.total == nbytes + OVERHEAD + 512 * 256
     assert "256 tokens" in est.notes and "float32" in est.notes
+    assert needed_bytes(spec) == est.total and needed_bytes(spec, measured=123) == 123
     assert spec.backend == "transformers"
     assert spec.weight_files == ["model.safetensors"]
     assert spec.fingerprint == fingerprint(tiny["llama"])
@@ -156,9 +159,9 @@ def test_bert_classifier_tiny(tiny):
     numel, nbytes = header_sum(tiny["bert-cls"] / "model.safetensors")
     assert (spec.param_count, spec.weight_bytes) == (numel, nbytes)
     assert spec.task == "classification"
-    assert spec.kv_bytes_per_token == 0 and spec.estimate.kv_cache == 0
-    assert spec.estimate.total == nbytes + OVERHEAD
-    assert "not a decoder" in spec.estimate.notes
+    assert spec.kv_bytes_per_token == 0 and estimate(spec).kv_cache == 0
+    assert estimate(spec).total == nbytes + OVERHEAD
+    assert any("not a decoder" in n for n in spec.notes)
 
 
 def test_t5_tiny(tiny):
@@ -232,18 +235,19 @@ def test_kv_and_dtype_choices(tmp_path):
                          torch_dtype="bfloat16", max_position_embeddings=32768)
     spec = analyse(folder, options=AnalysisOptions(concurrency=4))
     assert spec.kv_bytes_per_token == 2 * 3 * 2 * 128 * 2
-    assert spec.estimate.context_tokens == 4096 and spec.estimate.concurrency == 4
-    assert spec.estimate.kv_cache == spec.kv_bytes_per_token * 4096 * 4
-    assert "4 sequences" in spec.estimate.notes and "bfloat16" in spec.estimate.notes
+    est = estimate(spec)
+    assert est.context_tokens == 4096 and est.concurrency == 4
+    assert est.kv_cache == spec.kv_bytes_per_token * 4096 * 4
+    assert "4 sequences" in est.notes and "bfloat16" in est.notes
     # no dtype in config: the dominant weight dtype (F32 here: 6 of 11 elements)
     folder2 = small_model(tmp_path / "m2", torch_dtype=None)
     spec2 = analyse(folder2, options=AnalysisOptions(context_tokens=10))
     assert spec2.kv_bytes_per_token == 2 * 1 * 2 * 4 * 4
-    assert spec2.estimate.kv_cache == spec2.kv_bytes_per_token * 10
-    assert "dominant weight dtype" in spec2.estimate.notes
+    assert estimate(spec2).kv_cache == spec2.kv_bytes_per_token * 10
+    assert any("dominant weight dtype" in n for n in spec2.notes)
     # context_tokens beyond the model's context is capped
     spec3 = analyse(folder2, options=AnalysisOptions(context_tokens=10_000))
-    assert spec3.estimate.context_tokens == 64
+    assert spec3.context_tokens == estimate(spec3).context_tokens == 64
 
 
 def test_backend_vllm_only_with_gpu_vllm_and_known_arch(tmp_path):
@@ -546,17 +550,17 @@ def test_scan_is_fast_enough_for_a_smoke_check(tmp_path):
     assert len(states) == 200 and len({s.fingerprint for s in states.values()}) >= 1
 
 
-def test_estimate_memory_states_its_parts():
-    est = estimate_memory(weight_bytes=1000, kv_bytes_per_token=10, context_tokens=100,
+def test_estimate_states_its_parts():
+    est = estimate_parts(weight_bytes=1000, kv_bytes_per_token=10, context_tokens=100,
                           concurrency=3, runtime_overhead_bytes=5)
     assert (est.weights, est.overhead, est.kv_cache, est.total) == (1000, 5, 3000, 4005)
     assert (est.context_tokens, est.concurrency) == (100, 3)
     assert "100 tokens" in est.notes and "3 sequences" in est.notes and "10 B/token" in est.notes
-    est0 = estimate_memory(weight_bytes=1, kv_bytes_per_token=0, context_tokens=0, concurrency=1,
+    est0 = estimate_parts(weight_bytes=1, kv_bytes_per_token=0, context_tokens=0, concurrency=1,
                            runtime_overhead_bytes=0)
     assert est0.total == 1 and est0.kv_cache == 0
     with pytest.raises(ValueError):
-        estimate_memory(weight_bytes=-1, kv_bytes_per_token=0, context_tokens=0, concurrency=1,
+        estimate_parts(weight_bytes=-1, kv_bytes_per_token=0, context_tokens=0, concurrency=1,
                         runtime_overhead_bytes=0)
 
 

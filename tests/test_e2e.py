@@ -20,6 +20,7 @@ from modelium.core.messages import (
     LoadStarted,
     ModelDiscovered,
     RequestArrived,
+    Reserved,
     RequestFinished,
     ServerStarted,
 )
@@ -91,9 +92,16 @@ def test_a_dropped_model_answers_the_openai_client_and_requests_wait_while_it_lo
     assert completed < last_arrival < finished[-1][0]
     state = server.get("/models/alpha").json()
     assert state["state"] == "ready" and state["requests"]["ok"] == 5 and state["spec"]["task"] == "chat"
-    est = state["spec"]["estimate"]  # the estimate states its parts, and the placement used it
-    assert est["weights"] + est["overhead"] + est["kv_cache"] == est["total"] == state["bytes"] == load.bytes
+    est = state["estimate"]  # the estimate states its parts, and the placement used it
+    assert est["weights"] + est["overhead"] + est["kv_cache"] == est["total"] == state["estimate_bytes"] == load.bytes
     assert est["weights"] == state["spec"]["weight_bytes"] and "KV cache" in est["notes"]
+    # once loaded, what the worker measured (its resident set, plus the KV budget it has not
+    # used yet) replaced the estimate: in the ledger, in the registry, for the next placement
+    done = next(e for _, e in evs if isinstance(e, LoadCompleted))
+    measured = [e for _, e in evs if isinstance(e, Reserved) and e.measured]
+    assert done.memory_bytes > 0 and len(measured) == 1
+    assert measured[0].bytes == done.memory_bytes + est["kv_cache"] == state["bytes"] == state["measured_bytes"]
+    assert server.get("/health").json()["devices"]["cpu"]["used_bytes"] == state["bytes"]
     server.stop()
     result = replay(server.db)
     assert result.returncode == 0 and "reproduced exactly:    1 (100.0%)" in result.stdout, result.stdout

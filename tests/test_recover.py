@@ -18,7 +18,6 @@ import trio
 from modelium.core.messages import (
     Evict,
     Load,
-    MemoryEstimate,
     ModelChanged,
     ModelDiscovered,
     ModelSpec,
@@ -41,8 +40,7 @@ def spec(i: int, big: bool) -> ModelSpec:
     return ModelSpec(
         name=f"m{i}", path=f"/models/m{i}", fingerprint=f"fp{i}", architecture="LlamaForCausalLM",
         model_type="llama", task="text-generation", param_count=1000 * i, weight_bytes=2000 * i,
-        weight_files=files, has_tokenizer=True,
-        estimate=MemoryEstimate(weights=2000 * i, overhead=100, total=2000 * i + 100))
+        weight_files=files, has_tokenizer=True, runtime_overhead_bytes=100)
 
 
 def workload(n: int, seed: int = 0, t0: float = T0) -> list:

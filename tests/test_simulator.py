@@ -107,6 +107,42 @@ def test_metrics_follow_loads_waits_and_memory():
     assert s["unanswered"] == 0
 
 
+def test_a_model_measured_smaller_than_its_estimate_makes_room_as_in_the_live_server():
+    # a and b are estimated at 3 GB but hold 2 GB once loaded (as a log's measured Reserved says):
+    # a 4 GB device first holds one of them (the estimate), then both (the measure)
+    models = {m: ModelInfo(m, bytes=2 * GB, estimate_bytes=3 * GB) for m in "ab"}
+    arrivals = [Arrival(ts=0.0, model="a"), Arrival(ts=10.0, model="b"), Arrival(ts=20.0, model="a"),
+                Arrival(ts=30.0, model="b"), Arrival(ts=40.0, model="a")]
+    r = simulate(Workload(name="t", arrivals=arrivals, models=models),
+                 Config(devices={"gpu:0": 4 * GB}, params={"keep_alive_s": float("inf")}))
+    evs = [e for _, e in r.log.events()]
+    loads = [(e.model, e.bytes) for e in evs if type(e).__name__ == "Load"]
+    measured = [(e.model, e.bytes) for e in evs if type(e).__name__ == "Reserved" and e.measured]
+    # a: estimate, measured 2 GB; b: estimate (1 GB free after a's measure: evict a); a again:
+    # its measure (2 GB) fits beside b's; then b is warm and so is a
+    assert loads == [("a", 3 * GB), ("b", 3 * GB), ("a", 2 * GB)]
+    assert measured == [("a", 2 * GB), ("b", 2 * GB)]
+    assert [e.model for e in evs if type(e).__name__ == "Evict"] == ["a"]
+    assert summarize(r)["cold_starts"] == 3
+    assert max(res for _, res, _ in r.memory["gpu:0"]) == 4 * GB
+
+
+def test_time_to_first_token_is_the_queue_wait_plus_the_workloads_first_token_time(tmp_path):
+    csv = tmp_path / "w.csv"
+    csv.write_text("ts,model,service_s,ttft_s,load_s\n0,a,1.0,0.25,4\n10,a,1.0,0.25,4\n10,a,1.0,2.5,4\n")
+    from replay.workloads import from_csv
+
+    w = from_csv(csv)
+    assert [a.ttft_s for a in w.arrivals] == [0.25, 0.25, 2.5]
+    r = simulate(w, Config(devices={"cpu": GB}, model_bytes=GB, max_inflight=1))
+    ttft = sorted(round(x.first_token - x.arrived, 6) for x in r.requests)
+    # the first waits for the 4 s load; the second is served at once; the third waits 1 s for
+    # the second, and its first token comes at the end of its 1 s service (2.5 s is capped)
+    assert ttft == [0.25, 2.0, 4.25]
+    s = summarize(r, slo_s=1.0)
+    assert s["ttft_s"]["p50"] == 2.0 and s["slo_attainment"] == pytest.approx(1 / 3)
+
+
 def test_synthetic_workloads_run_and_are_deterministic():
     w = synthetic("bursty", seed=5, requests=600, models=6, sizes=[GB, 2 * GB], load_s=[1.0, 3.0], service_s=0.5)
     a = summarize(simulate(w, Config(devices=parse_devices("gpu:0=4GB,cpu=8GB"), policy="lru")))

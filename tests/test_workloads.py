@@ -10,12 +10,12 @@ import trio
 
 from modelium.core.messages import (
     LoadCompleted,
-    MemoryEstimate,
     ModelChanged,
     ModelDiscovered,
     ModelSpec,
     RequestArrived,
     RequestFinished,
+    Reserved,
     Tick,
 )
 from replay import workloads as wl
@@ -276,10 +276,11 @@ def test_synthetic_errors_list_what_is_accepted():
 T0 = 1_700_000_000.0
 
 
-def spec(name, size, *, estimate=True):
+def spec(name, size, *, overhead=True):
+    """A spec whose estimate is ``size``: half weights, half runtime overhead (or weights alone)."""
     return ModelSpec(name=name, path=f"/models/{name}", fingerprint=f"fp-{name}-{size}", architecture="LlamaForCausalLM",
                      model_type="llama", task="text-generation", weight_bytes=size // 2,
-                     estimate=MemoryEstimate(weights=size // 2, overhead=0, total=size) if estimate else None)
+                     runtime_overhead_bytes=size - size // 2 if overhead else 0)
 
 
 def write_log(path, events):
@@ -302,7 +303,7 @@ def write_log(path, events):
 def served_log(tmp_path):
     events = [
         ModelDiscovered(ts=T0, model="a", spec=spec("a", 100 * MiB)),                    # 1
-        ModelDiscovered(ts=T0, model="b", spec=spec("b", 60 * MiB, estimate=False)),     # 2
+        ModelDiscovered(ts=T0, model="b", spec=spec("b", 60 * MiB, overhead=False)),     # 2
         LoadCompleted(ts=T0 + 1, model="a", device="cpu", load_s=2.0),                   # 3
         RequestArrived(ts=T0 + 10, model="a", request_id="r1", tenant="acme"),           # 4
         RequestArrived(ts=T0 + 11, model="b", request_id="r2"),                          # 5
@@ -317,6 +318,7 @@ def served_log(tmp_path):
         Tick(ts=T0 + 18),                                                                # 12
         RequestArrived(ts=T0 + 20, model="c", request_id="r4"),                          # 13
         RequestFinished(ts=T0 + 21, model="zz", request_id="never-arrived", status="ok"),  # 14
+        Reserved(ts=T0 + 22, device="cpu", model="a", bytes=80 * MiB, measured=True),    # 15
     ]
     return write_log(tmp_path / "log.db", events)
 
@@ -332,8 +334,9 @@ def test_from_log_matches_finishes_sizes_and_load_times(served_log):
         Arrival(ts=10.0, model="c"),  # never finished
     ]
     assert w.models == {
-        "a": ModelInfo("a", bytes=100 * MiB, load_s=3.5),  # estimate.total; median of 2.0, 4.0, 3.5
-        "b": ModelInfo("b", bytes=30 * MiB, load_s=None),  # no estimate: weight_bytes
+        # what it held once measured, and the estimate its first placement used; median of 2.0, 4.0, 3.5
+        "a": ModelInfo("a", bytes=80 * MiB, load_s=3.5, estimate_bytes=100 * MiB),
+        "b": ModelInfo("b", bytes=30 * MiB, load_s=None),  # the estimate: weights alone
         "c": ModelInfo("c"),
     }
     notes = " | ".join(w.notes)

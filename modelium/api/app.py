@@ -37,6 +37,7 @@ from modelium.api.errors import error_body, error_response, validation_error
 from modelium.api.limits import BodyLimit
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, PredictBody
 from modelium.core.errors import ErrorKind, ModeliumError
+from modelium.core.memory import estimate, needed_bytes
 from modelium.core.messages import Done, Encode, Encoded, Failed, Submit, Token
 
 _json = msgspec.json.Encoder()
@@ -548,7 +549,9 @@ def model_summary(m: Any) -> dict[str, Any]:
         "architecture": spec.architecture if spec else None,
         "param_count": spec.param_count if spec else None,
         "weight_bytes": spec.weight_bytes if spec else None,
-        "estimate_bytes": spec.estimate.total if spec and spec.estimate else None,
+        "estimate_bytes": needed_bytes(spec) if spec else None,
+        "estimate": msgspec.structs.asdict(estimate(spec)) if spec else None,
+        "measured_bytes": (m.measured_bytes or None) if m.measured_fingerprint == m.fingerprint else None,
         "device": m.device,
         "bytes": m.bytes,
         "pending": len(m.pending),

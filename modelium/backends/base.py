@@ -6,7 +6,8 @@ runs requests: ``worker.submit(request, sink)`` queues one and returns its :clas
 the request's frames (``Token``\\ s, then one terminal ``Done``, ``Encoded`` or ``Failed``) go
 straight to ``sink`` (a trio memory channel the client reads), and ``await job.outcome()`` says
 how it ended. ``worker.cancel(job)`` stops it before its next decode step. ``worker.stop()`` ends
-the worker; ``worker.memory_bytes`` is its measured footprint.
+the worker; ``worker.memory_bytes`` is its footprint measured after the load, and
+``worker.memory_source`` says what was measured (``modelium.core.memory.loaded_bytes``).
 
 Each backend owns its processes, including the cleanup of those a crashed server left behind
 (:meth:`Backend.reap_orphans`). ``spec.backend`` names the backend a model runs on;
@@ -47,6 +48,9 @@ class Worker(Protocol):
 
     @property
     def memory_bytes(self) -> int: ...
+
+    @property
+    def memory_source(self) -> str: ...  # "rss" (the whole process) or "cuda" (torch's reserved bytes)
 
     @property
     def exited(self) -> bool: ...

@@ -229,6 +229,10 @@ class HFWorker:
     def memory_bytes(self) -> int:
         return self.loaded.memory_bytes if self.loaded is not None else 0
 
+    @property
+    def memory_source(self) -> str:
+        return self.loaded.memory_source if self.loaded is not None else "rss"
+
     def _tail_for_reason(self, n: int = 1500) -> str:
         tail = self.output_tail.strip()
         if not tail:

@@ -344,7 +344,6 @@ def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, M
     import inspect
 
     t0 = time.perf_counter()
-    rss0 = _rss_bytes()
     model_cls = _model_class(msg.task, transformers)
     path = Path(msg.path) / msg.subfolder if msg.subfolder else Path(msg.path)
     if not path.is_dir():
@@ -352,7 +351,6 @@ def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, M
     device = parse_device(msg.device, torch)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-        cuda0 = torch.cuda.memory_allocated(device)
 
     # custom code runs only for a model that analysis admitted under `trust_remote_code: true`
     common = dict(local_files_only=True, trust_remote_code=msg.trust_remote_code)
@@ -414,15 +412,18 @@ def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, M
         if unknown:
             raise LoadError(f"pooling mode {unknown[0]!r} is not supported (supported: {', '.join(POOLING)})")
         state.dim *= len(modes)
+    # the footprint the device's ledger will hold: on a GPU what torch's allocator reserved (the
+    # CUDA context is not in it; modelium.core.memory.loaded_bytes adds it), on the CPU the whole
+    # process (the runtime is part of what a loaded model costs)
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
-        memory = torch.cuda.memory_allocated(device) - cuda0
+        memory, source = torch.cuda.memory_reserved(device), "cuda"
     else:
-        memory = max(0, _rss_bytes() - rss0)
+        memory, source = _rss_bytes(), "rss"
     reply = ModelLoaded(
         load_s=time.perf_counter() - t0, param_count=sum(p.numel() for p in model.parameters()),
         device=device, dtype=str(model.dtype).removeprefix("torch."), memory_bytes=memory,
-        context=context if context < NO_LIMIT else 0, max_token_chars=state.token_chars,
+        memory_source=source, context=context if context < NO_LIMIT else 0, max_token_chars=state.token_chars,
         labels=state.labels, dim=state.dim,
     )
     return state, reply

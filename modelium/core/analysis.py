@@ -40,11 +40,11 @@ from typing import Annotated, Any, Mapping, NamedTuple
 import msgspec
 import yaml
 
-from modelium.core.messages import MemoryEstimate, ModelSpec
+from modelium.core.messages import ModelSpec
 
 __all__ = [
     "Invalid", "AnalysisOptions", "FolderState", "sanitize_name", "fingerprint", "scan_root",
-    "diff", "analyse", "estimate_memory", "read_safetensors_header", "SafetensorsError",
+    "diff", "analyse", "read_safetensors_header", "SafetensorsError",
     "VLLM_ARCHITECTURES", "DTYPE_BITS",
 ]
 
@@ -277,43 +277,6 @@ def diff(
 # --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def estimate_memory(
-    *,
-    weight_bytes: int,
-    kv_bytes_per_token: int,
-    context_tokens: int,
-    concurrency: int,
-    runtime_overhead_bytes: int,
-) -> MemoryEstimate:
-    """Bytes a loaded model needs: weights + fixed runtime overhead + a KV cache budget of
-    ``context_tokens`` tokens for each of ``concurrency`` sequences. The parts are stated in
-    the result's fields and spelled out in its notes."""
-    for label, v in (("weight_bytes", weight_bytes), ("kv_bytes_per_token", kv_bytes_per_token),
-                     ("context_tokens", context_tokens), ("concurrency", concurrency),
-                     ("runtime_overhead_bytes", runtime_overhead_bytes)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{label} must be a non-negative int, not {v!r}")
-    kv = kv_bytes_per_token * context_tokens * concurrency
-    total = weight_bytes + runtime_overhead_bytes + kv
-    if kv_bytes_per_token:
-        kv_text = (f"KV cache {_size(kv)} ({kv_bytes_per_token} B/token x {context_tokens} "
-                   f"tokens x {concurrency} sequence{'s' if concurrency != 1 else ''})")
-    else:
-        kv_text = "no KV cache (no per-token cache cost)"
-    notes = (f"weights {_size(weight_bytes)} + runtime overhead {_size(runtime_overhead_bytes)} "
-             f"+ {kv_text} = {_size(total)}")
-    return MemoryEstimate(weights=weight_bytes, overhead=runtime_overhead_bytes, kv_cache=kv,
-                          total=total, notes=notes, context_tokens=context_tokens,
-                          concurrency=concurrency)
 
 
 # --------------------------------------------------------------------------------------------
@@ -893,16 +856,13 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
         concurrency = options.concurrency
     else:
         context, concurrency = 0, options.concurrency
-    est = estimate_memory(weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token,
-                          context_tokens=context, concurrency=concurrency,
-                          runtime_overhead_bytes=options.runtime_overhead_bytes)
+    if options.runtime_overhead_bytes < 0:
+        raise _Bad(f"runtime_overhead_bytes must be >= 0, not {options.runtime_overhead_bytes}")
     if decoder and kv_per_token:
-        extra = f"; KV dtype {dtype or '16-bit'} ({dtype_bytes} B) from {dtype_from}"
-    elif decoder:
-        extra = ""
-    else:
-        extra = f"; no KV cache: {task} is not a decoder LLM"
-    est = msgspec.structs.replace(est, notes=est.notes + extra)
+        notes.append(f"KV cache sized for {context} tokens x {concurrency} sequence(s); "
+                     f"KV dtype {dtype or '16-bit'} ({dtype_bytes} B) from {dtype_from}")
+    elif not decoder:
+        notes.append(f"no KV cache: {task} is not a decoder LLM")
 
     # backend
     backend = "transformers"
@@ -924,7 +884,9 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
         params_per_dtype=dict(sorted(params_per_dtype.items())),
         weight_files=[sub + f for f in weight_files], has_tokenizer=has_tokenizer,
         has_chat_template=has_chat_template, max_context=max_context,
-        kv_bytes_per_token=kv_per_token, pooling=pooling, backend=backend, estimate=est,
+        kv_bytes_per_token=kv_per_token, pooling=pooling, backend=backend,
+        context_tokens=context if kv_per_token else 0, concurrency=concurrency,
+        runtime_overhead_bytes=options.runtime_overhead_bytes,
         license=license, tags=tags, notes=notes, dtype=dtype,
         trust_remote_code=trust_remote_code, max_token_chars=token_chars, normalize=normalize,
         subfolder=sub.rstrip("/"),

@@ -53,6 +53,8 @@ class Settings(BaseModel):
     context_tokens: int | None = Field(None, gt=0)
     concurrency: int = Field(1, ge=1)
     runtime_overhead: int = 384 * 2**20
+    # once loaded, a model's measured footprint replaces its estimate in the device's ledger
+    measured_memory: bool = True
 
     # requests and runners
     request_timeout_s: float = Field(300.0, gt=0)

@@ -1,5 +1,14 @@
 """Memory: what a model needs, and the book of what each device has handed out. Pure.
 
+Estimate, then measure. Before a model's first load, :func:`estimate` computes what it needs
+from its spec: the weights, plus the fixed cost of a worker process (the runtime, a CUDA
+context), plus a KV cache budget of ``context_tokens`` x ``concurrency`` tokens for a decoder.
+Nothing freezes the result into the spec: the spec holds the facts and what the budget is sized
+for, and this module is the one place that turns them into bytes. Once loaded, the worker
+measures its footprint; :func:`loaded_bytes` turns that into what the device's ledger holds
+from then on (the measure, plus the KV budget the model has not used yet), and the next
+placement of the same model version uses it (:func:`needed_bytes` with ``measured``).
+
 The allocator of each device keeps a :class:`Ledger` (live); the simulator keeps one per
 simulated device; policies size their decisions with :func:`needed_bytes`.
 """
@@ -8,15 +17,67 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from modelium.core.messages import ModelSpec
+from modelium.core.messages import MemoryEstimate, ModelSpec
 from modelium.hardware import format_bytes
 
 
-def needed_bytes(spec: ModelSpec) -> int:
-    """Memory a model needs once loaded: the analysis estimate, else its weights."""
-    if spec.estimate is not None and spec.estimate.total > 0:
-        return spec.estimate.total
-    return spec.weight_bytes
+def estimate_parts(*, weight_bytes: int, kv_bytes_per_token: int, context_tokens: int, concurrency: int,
+                   runtime_overhead_bytes: int, kv_note: str = "") -> MemoryEstimate:
+    """Bytes a loaded model needs: weights + fixed runtime overhead + a KV cache budget of
+    ``context_tokens`` tokens for each of ``concurrency`` sequences. The parts are stated in the
+    result's fields and spelled out in its notes."""
+    for label, v in (("weight_bytes", weight_bytes), ("kv_bytes_per_token", kv_bytes_per_token),
+                     ("context_tokens", context_tokens), ("concurrency", concurrency),
+                     ("runtime_overhead_bytes", runtime_overhead_bytes)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{label} must be a non-negative int, not {v!r}")
+    kv = kv_bytes_per_token * context_tokens * concurrency
+    total = weight_bytes + runtime_overhead_bytes + kv
+    if kv:
+        kv_text = (f"KV cache {format_bytes(kv)} ({kv_bytes_per_token} B/token x {context_tokens} "
+                   f"tokens x {concurrency} sequence{'s' if concurrency != 1 else ''})")
+    else:
+        kv_text = "no KV cache"
+    notes = (f"weights {format_bytes(weight_bytes)} + runtime overhead {format_bytes(runtime_overhead_bytes)} "
+             f"+ {kv_text} = {format_bytes(total)}{kv_note}")
+    return MemoryEstimate(weights=weight_bytes, overhead=runtime_overhead_bytes, kv_cache=kv, total=total,
+                          notes=notes, context_tokens=context_tokens if kv else 0,
+                          concurrency=concurrency)
+
+
+def estimate(spec: ModelSpec) -> MemoryEstimate:
+    """What ``spec``'s model needs once loaded, before anything was measured."""
+    kv_per_token = spec.kv_bytes_per_token if spec.context_tokens else 0
+    note = f"; KV dtype {spec.dtype}" if kv_per_token and spec.dtype else ""
+    return estimate_parts(weight_bytes=spec.weight_bytes, kv_bytes_per_token=kv_per_token,
+                          context_tokens=spec.context_tokens if kv_per_token else 0,
+                          concurrency=max(1, spec.concurrency), runtime_overhead_bytes=spec.runtime_overhead_bytes,
+                          kv_note=note)
+
+
+def kv_budget(spec: ModelSpec) -> int:
+    """Bytes of KV cache the estimate budgets for ``spec`` (0 for models without one)."""
+    return spec.kv_bytes_per_token * spec.context_tokens * max(1, spec.concurrency)
+
+
+def loaded_bytes(spec: ModelSpec, measured: int, source: str) -> int:
+    """What a loaded model holds from now on, given the footprint its worker measured after
+    the load: the measure, plus the KV budget (the cache grows as requests come, after the
+    measure), plus the runtime overhead when the measure leaves the runtime out. ``source``:
+    ``"rss"`` (the worker process's whole resident set: runtime included) or ``"cuda"`` (what
+    torch's allocator holds on the GPU: the CUDA context is not in it)."""
+    if source not in ("rss", "cuda"):
+        raise ValueError(f"unknown memory measure {source!r} (rss or cuda)")
+    return measured + kv_budget(spec) + (spec.runtime_overhead_bytes if source == "cuda" else 0)
+
+
+def needed_bytes(spec: ModelSpec, measured: int = 0) -> int:
+    """Memory a model needs once loaded: what its last load of this version held
+    (``measured``: the ledger's figure after it was measured), else the estimate, else (no
+    estimate parts at all) its weights."""
+    if measured > 0:
+        return measured
+    return spec.weight_bytes + spec.runtime_overhead_bytes + kv_budget(spec)  # = estimate(spec).total
 
 
 @dataclass
@@ -50,6 +111,15 @@ class Ledger:
             )
         self.held[model] = nbytes
         return None
+
+    def adjust(self, model: str, nbytes: int) -> int | None:
+        """A loaded model measured itself: it holds ``nbytes`` from now on (more or less than it
+        reserved; the ledger records the truth even past the budget). Returns the bytes it held
+        before, or None when it holds nothing here (released meanwhile)."""
+        if model not in self.held or nbytes < 0:
+            return None
+        before, self.held[model] = self.held[model], nbytes
+        return before
 
     def release(self, model: str) -> int:
         """Release what ``model`` holds; returns the bytes freed (0 if it held nothing)."""

@@ -36,7 +36,8 @@ Task = Literal[
 
 
 class MemoryEstimate(msgspec.Struct, frozen=True, kw_only=True):
-    """Bytes a model needs once loaded, with its parts (every estimate states its parts)."""
+    """Bytes a model needs once loaded, with its parts (every estimate states its parts).
+    Computed from a spec by :func:`modelium.core.memory.estimate`; never stored in one."""
 
     weights: int
     overhead: int
@@ -71,7 +72,12 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     normalize: bool = False  # sentence-transformers Normalize module: embeddings are L2-normalised
     subfolder: str = ""  # where config.json and the weights are (a sentence-transformers module)
     backend: str = "transformers"
-    estimate: MemoryEstimate | None = None
+    # what the memory estimate is sized for (``modelium.core.memory.estimate`` computes it from
+    # these and the facts above): tokens of KV cache per sequence, sequences, and the fixed cost
+    # of a worker process (the runtime, a CUDA context), as the server's settings said at analysis
+    context_tokens: int = 0  # 0: no KV cache (not a decoder, or a decoder without KV facts)
+    concurrency: int = 1
+    runtime_overhead_bytes: int = 0
     license: str = ""
     tags: list[str] = []
     notes: list[str] = []
@@ -140,11 +146,13 @@ class ActorGaveUp(Event, frozen=True, kw_only=True):
 
 
 class ModelDiscovered(Event, frozen=True, kw_only=True):
+    V: ClassVar[int] = 2  # v1's spec carried a frozen ``estimate``; v2's carries what it is sized for
     model: str
     spec: ModelSpec
 
 
 class ModelChanged(Event, frozen=True, kw_only=True):
+    V: ClassVar[int] = 2  # as ModelDiscovered
     model: str
     spec: ModelSpec
 
@@ -180,9 +188,13 @@ class DeviceSampled(Event, frozen=True, kw_only=True):
 
 
 class Reserved(Event, frozen=True, kw_only=True):
+    """The device's ledger holds ``bytes`` for ``model``: before its load (the placement's
+    figure), and again once it is loaded with what it measured (``measured``)."""
+
     device: str
     model: str
     bytes: int
+    measured: bool = False
 
 
 class Released(Event, frozen=True, kw_only=True):
@@ -238,7 +250,8 @@ class LoadCompleted(Event, frozen=True, kw_only=True):
     load_s: float
     pid: int = 0
     worker_s: float = 0.0  # seconds spent getting a worker process (0 when a spare was ready)
-    memory_bytes: int = 0  # what the worker measured after the load (CUDA bytes, or RSS growth)
+    memory_bytes: int = 0  # what the worker measured after the load (ModelLoaded.memory_source says what);
+    # the device's ledger then holds modelium.core.memory.loaded_bytes of it (a Reserved with measured=True)
 
 
 class LoadFailed(Event, frozen=True, kw_only=True):
@@ -408,6 +421,7 @@ InferRequest = Union[Generation, Encode]
 class Reserve(_Msg, frozen=True, kw_only=True):
     model: str
     bytes: int
+    measured: bool = False  # a loaded model's measured footprint: replaces what it holds
 
 
 class Release(_Msg, frozen=True, kw_only=True):
@@ -533,7 +547,8 @@ class ModelLoaded(_Msg, frozen=True, kw_only=True):
     param_count: int
     device: str
     dtype: str
-    memory_bytes: int = 0  # measured: CUDA bytes allocated, or the process's RSS growth on CPU
+    memory_bytes: int = 0  # measured after the load (see memory_source)
+    memory_source: str = "rss"  # rss: the worker process's resident set; cuda: torch's reserved CUDA bytes
     context: int = 0  # tokens of context (generation) or of input (encoders)
     max_token_chars: int = 0
     labels: list[str] = []  # classification: the labels, by class index

@@ -18,7 +18,7 @@ from modelium.core.memory import needed_bytes
 from modelium.core.messages import Decision, Evict, Event, Load, ModelSpec, Reject
 
 __all__ = ["ClusterView", "Decision", "DeviceView", "Evict", "Load", "ModelView", "Policy", "Reject",
-           "needed_bytes"]
+           "needed_bytes", "needs"]
 
 
 class ModelView(Protocol):
@@ -36,9 +36,19 @@ class ModelView(Protocol):
     crashes: int
     stale: bool
     removed: bool
+    fingerprint: str
+    measured_bytes: int
+    measured_fingerprint: str
 
     @property
     def waiting(self) -> list[int]: ...
+
+
+def needs(m: ModelView) -> int:
+    """Bytes a placement of ``m`` reserves: what its last load of this version measured, else
+    the estimate from its spec."""
+    measured = m.measured_bytes if m.measured_fingerprint == m.fingerprint else 0
+    return needed_bytes(m.spec, measured)
 
 
 class DeviceView(Protocol):

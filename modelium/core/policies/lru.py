@@ -22,7 +22,7 @@ from typing import Any
 from modelium.core.errors import ErrorKind
 from modelium.hardware import format_bytes
 from modelium.core.messages import Event, Tick
-from modelium.core.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needed_bytes
+from modelium.core.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needs
 
 
 _NOT_RESIDENT = ("discovered", "unloaded", "failed", "invalid")
@@ -132,7 +132,7 @@ class LRUPolicy:
                             f"it is retried {self.retry_failed_s:g} s after a failure"),
                 ))
                 continue
-            if spare < needed_bytes(m.spec) <= biggest:
+            if spare < needs(m) <= biggest:
                 continue  # memory is held by busy or loading models: the requests keep waiting
             decided = len(out)
             self._place(view, m, n, now, used, leaving, out, devices, idle)
@@ -142,7 +142,7 @@ class LRUPolicy:
 
     def _place(self, view: ClusterView, m: ModelView, n: int, now: float, used: dict[str, int],
                leaving: set[str], out: list[Decision], devices: list, idle: dict[str, list[ModelView]]) -> None:
-        need = needed_bytes(m.spec)
+        need = needs(m)
         if not devices:
             return
         for d in devices:
