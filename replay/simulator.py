@@ -152,6 +152,7 @@ class Simulation:
         self.records: dict[str, RequestRecord] = {}
         self.busy: dict[str, int] = {}  # model -> requests queued or in flight
         self.loads: list[tuple[float, str]] = []
+        self.load_counts: dict[str, int] = {}  # model -> loads completed
         self.evictions: list[tuple[float, str]] = []
         self.memory: dict[str, list[tuple[float, int, int]]] = {d: [(self.now, 0, 0)] for d in config.devices}
         self.resident = dict.fromkeys(config.devices, 0)  # device -> bytes of its runners
@@ -171,8 +172,9 @@ class Simulation:
             if size is None:
                 raise SimulationError(f"model {name} has no size in workload {self.w.name}: give --model-bytes")
             est = info.estimate_bytes if info.bytes is not None and info.estimate_bytes is not None else size
-            if max(size, est) > biggest:
-                raise SimulationError(f"model {name} needs {max(size, est):,} bytes, more than any device holds "
+            most = max(size, est, *(info.loaded_bytes or ()))
+            if most > biggest:
+                raise SimulationError(f"model {name} needs {most:,} bytes, more than any device holds "
                                       f"(the largest: {biggest:,} bytes)")
             sizes[name] = int(size)
             self.estimates[name] = int(est)
@@ -267,7 +269,12 @@ class Simulation:
             self._unload(model, f"{r['reason']} (while loading)")
             return
         r["loaded"] = True
-        size, device = self.sizes[model], r["device"]
+        device = r["device"]
+        n = self.load_counts.get(model, 0)
+        self.load_counts[model] = n + 1
+        info = self.w.models.get(model)
+        held = info.loaded_bytes if info is not None and info.bytes is not None else None
+        size = held[min(n, len(held) - 1)] if held else self.sizes[model]
         if size != r["bytes"]:  # measured: the ledger holds what the model holds (as a live runner does)
             self.ledgers[device].adjust(model, size)
             self.publish(Reserved(ts=self.now, device=device, model=model, bytes=size, measured=True))
@@ -276,7 +283,7 @@ class Simulation:
         if not self.busy.get(model):
             self._memory(device, idle=size)
         self.publish(LoadCompleted(ts=self.now, model=model, device=r["device"], load_s=round(load_s, 6),
-                                   memory_bytes=self.sizes.get(model, 0)))
+                                   memory_bytes=size))
         self.loads.append((self.now, model))
         self.queues.ready(model, model, self.c.max_inflight)
         self._dispatch(model)

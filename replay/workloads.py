@@ -68,6 +68,7 @@ from modelium.core.messages import (
     ModelSpec,
     RequestArrived,
     RequestFinished,
+    Released,
     RequestsRolledUp,
     Reserved,
 )
@@ -115,6 +116,10 @@ class ModelInfo:
     # what a placement reserves before the model was ever measured (a log's estimate), when it
     # differs from ``bytes`` (what it holds once loaded and measured); None: ``bytes`` throughout
     estimate_bytes: int | None = None
+    # what it held after each of its loads, in order (a log's ledger at each LoadCompleted: the
+    # measure varies from load to load); the simulator's n-th load holds the n-th (the last one
+    # for later loads). None: ``bytes`` for every load
+    loaded_bytes: list[int] | None = None
 
 
 @dataclass
@@ -643,7 +648,10 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
     rolled = rolled_arrivals = 0
     first_seq = last_seq = 0
     measured: dict[str, int] = {}
-    types = (RequestArrived, RequestFinished, ModelDiscovered, ModelChanged, LoadCompleted, RequestsRolledUp, Reserved)
+    reserved: dict[str, int] = {}  # model -> what the ledger holds for it now
+    held_after: dict[str, list[int]] = {}  # model -> the ledger's figure at each of its LoadCompleted
+    types = (RequestArrived, RequestFinished, ModelDiscovered, ModelChanged, LoadCompleted, RequestsRolledUp, Reserved,
+             Released)
     for seq, e in _events(path, types):
         if isinstance(e, RequestArrived):
             if after_since(seq, e.ts) and before_until(seq, e.ts):
@@ -667,9 +675,14 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
                 size_changes.setdefault(e.model, set()).add(b)
         elif isinstance(e, LoadCompleted):
             loads.setdefault(e.model, []).append(e.load_s)
+            if e.model in reserved:
+                held_after.setdefault(e.model, []).append(reserved[e.model])
         elif isinstance(e, Reserved):
+            reserved[e.model] = e.bytes
             if e.measured:
                 measured[e.model] = e.bytes
+        elif isinstance(e, Released):
+            reserved.pop(e.model, None)
         elif isinstance(e, RequestsRolledUp):
             if after_since(e.last_seq, e.last_ts) and before_until(e.first_seq, e.minute):  # overlaps the cut
                 rolled += 1
@@ -688,8 +701,10 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
         if a.model not in models:
             ls = loads.get(a.model)
             est, held = sizes.get(a.model), measured.get(a.model)
+            seq = held_after.get(a.model)
             models[a.model] = ModelInfo(a.model, bytes=held or est, load_s=statistics.median(ls) if ls else None,
-                                        estimate_bytes=est if held and est and held != est else None)
+                                        estimate_bytes=est if held and est and held != est else None,
+                                        loaded_bytes=seq if held and seq and len(set(seq)) > 1 else None)
 
     notes = [f"{len(arrivals)} requests from the event log {path} ({cut}; arrivals seq {first_seq}..{last_seq}); "
              f"ts 0 is {_utc(origin)}"]

@@ -127,6 +127,18 @@ def test_a_model_measured_smaller_than_its_estimate_makes_room_as_in_the_live_se
     assert max(res for _, res, _ in r.memory["gpu:0"]) == 4 * GB
 
 
+def test_each_load_holds_what_the_log_measured_for_that_load():
+    # a log measured a at 2 GB, then 3 GB, then 2.5 GB: the simulator's loads hold the same
+    info = ModelInfo("a", bytes=int(2.5 * GB), estimate_bytes=4 * GB, loaded_bytes=[2 * GB, 3 * GB, int(2.5 * GB)])
+    arrivals = [Arrival(ts=t, model=m) for t, m in ((0, "a"), (10, "b"), (20, "a"), (30, "b"), (40, "a"), (50, "b"),
+                                                   (60, "a"))]
+    w = Workload(name="t", arrivals=arrivals, models={"a": info, "b": ModelInfo("b", bytes=4 * GB)})
+    r = simulate(w, Config(devices={"gpu:0": 5 * GB}, params={"keep_alive_s": float("inf")}))
+    evs = [e for _, e in r.log.events()]
+    assert [e.bytes for e in evs if type(e).__name__ == "Load" and e.model == "a"] == [4 * GB, 2 * GB, 3 * GB, int(2.5 * GB)]
+    assert [e.bytes for e in evs if type(e).__name__ == "Reserved" and e.measured] == [2 * GB, 3 * GB, int(2.5 * GB)]
+
+
 def test_time_to_first_token_is_the_queue_wait_plus_the_workloads_first_token_time(tmp_path):
     csv = tmp_path / "w.csv"
     csv.write_text("ts,model,service_s,ttft_s,load_s\n0,a,1.0,0.25,4\n10,a,1.0,0.25,4\n10,a,1.0,2.5,4\n")

@@ -1,7 +1,6 @@
 """Workloads: CSV, the Azure trace, synthetic patterns, event logs and the time fit (pure, real files)."""
 
 import statistics
-import time
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -149,9 +148,7 @@ def test_csv_missing_file(tmp_path):
 
 
 def test_azure_conv_reads_every_row_quickly_with_tokens_from_the_file():
-    t0 = time.perf_counter()
-    w = wl.azure("conv")
-    assert time.perf_counter() - t0 < 1.0
+    w = wl.azure("conv")  # its speed: bench/simulate.py (no timed assertion: machines are shared)
     assert len(w.arrivals) == 19_366
     assert w.name == "azure:conv"
     first = w.arrivals[0]  # 2023-11-16 18:15:46.6805900,374,44
