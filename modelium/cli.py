@@ -34,8 +34,12 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "models_dirs": args.models, "db": args.db, "host": args.host, "port": args.port,
         "cpu_memory": args.cpu_memory, "keep_alive_s": args.keep_alive, "fake_gpus": args.fake_gpus,
-        "spare_workers": args.spare_workers, "log_level": args.log_level,
+        "spare_workers": args.spare_workers, "log_level": args.log_level, "policy": args.policy,
     }
+    if args.policy_param:
+        overrides["policy_settings"] = dict(args.policy_param)
+    if args.insecure:
+        overrides["insecure"] = True
     try:
         settings = load_settings(config_file=args.config, overrides=overrides)
     except ConfigError as e:
@@ -240,14 +244,21 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+_ONE_LINE = {c: repr(chr(c))[1:-1] for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
+
+
 def _format_event(seq: int, event, as_json: bool) -> str:
-    body = msgspec.to_builtins(event)
+    """One line per event: the shape of ``modelium.api.events.event_json`` with ``--json``, else
+    ``seq ts type field=value...`` with line breaks inside values escaped (``\\n``)."""
+    from modelium.api.events import event_json
+
     if as_json:
-        return json.dumps({"seq": seq, **body})
+        return json.dumps(event_json(seq, event))
+    body = msgspec.to_builtins(event)  # the fields that differ from their defaults
     kind = body.pop("type")
     ts = body.pop("ts", 0.0)
     rest = " ".join(f"{k}={v}" for k, v in body.items() if k not in ("spec", "traceback"))
-    return f"{seq:>8} {ts:.3f} {kind:<16} {rest}"
+    return f"{seq:>8} {ts:.3f} {kind:<16} {rest}".translate(_ONE_LINE)
 
 
 def _events(args: argparse.Namespace) -> int:
@@ -279,6 +290,30 @@ def _events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policies(args: argparse.Namespace) -> int:
+    import inspect
+    import math
+
+    from modelium.core.policies import OFFLINE, POLICIES, make_policy
+
+    out = {}
+    for name, cls in POLICIES.items():
+        settings = {k: v for k, v in make_policy(name, {}).settings.items() if k != "future"}
+        doc = inspect.getdoc(sys.modules[cls.__module__]) or ""
+        out[name] = {"about": doc.split("\n\n")[0].replace("\n", " "), "offline": name in OFFLINE,
+                     "settings": {k: ("inf" if isinstance(v, float) and math.isinf(v) else v)
+                                  for k, v in settings.items()}}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for name, info in out.items():
+        print(f"{name}{'  (offline: simulations only)' if info['offline'] else ''}")
+        print(f"  {info['about']}")
+        for k, v in info["settings"].items():
+            print(f"    {k} = {v}")
+    return 0
+
+
 def _db(args: argparse.Namespace) -> int:
     from storage import recover as rec
     from storage.eventlog import LogError
@@ -300,6 +335,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--policy", help="the brain's policy (see `modelium policies`; default lru)")
+    s.add_argument("--policy-param", action="append", type=_param, metavar="NAME=VALUE",
+                   help="a setting of the policy (repeatable), e.g. --policy-param keep_alive_s=600")
     s.add_argument("--models", action="append", type=Path, default=None,
                    help="a models folder (repeatable; default ./models)")
     s.add_argument("--db", type=Path, help="the event log file (default ./modelium.db)")
@@ -311,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--fake-gpus", help="pretend to have GPUs, e.g. 2x24GiB (models run on the CPU)")
     s.add_argument("--spare-workers", type=int, help="warm worker processes kept ready (default 1)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--insecure", action="store_true",
+                   help="serve on a non-loopback address without API keys (anyone who reaches it is an admin)")
     s.set_defaults(fn=_serve)
 
     d = sub.add_parser("demo-model", help="write a tiny real model (random weights) into a folder")
@@ -364,6 +404,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="one JSON object per line")
     e.set_defaults(fn=_events)
 
+    pol = sub.add_parser("policies", help="the brain's policies, with their settings and defaults")
+    pol.add_argument("--json", action="store_true")
+    pol.set_defaults(fn=_policies)
+
     b = sub.add_parser("db", help="check or recover an event log file")
     b.add_argument("action", choices=["check", "recover"])
     b.add_argument("db", type=Path, nargs="?", default=Path("modelium.db"), help="default ./modelium.db")
@@ -371,6 +415,9 @@ def parser() -> argparse.ArgumentParser:
                                             "(the damaged file is kept beside it either way)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_db)
+    from modelium.auth_cli import add_commands
+
+    add_commands(sub)  # keys create|list|revoke, usage
     return p
 
 

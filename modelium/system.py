@@ -32,7 +32,7 @@ from modelium.backends import BACKENDS, backend_class
 from modelium.core.config import Settings
 from modelium.hardware import DeviceInfo, detect_devices
 from modelium.core.messages import RequestFinished, ServerStarted, ServerStopped, StopAdmitting
-from modelium.core.policies import make_policy
+from modelium.core.policies import configured_policy
 from storage.eventlog import EventLog
 from storage.registry import State, apply
 from storage.snapshot import encode_state, rebuild, state_schema
@@ -80,6 +80,7 @@ class System:
     watcher: Watcher
     backends: dict[str, Any]
     allocators: dict[str, Allocator] = field(default_factory=dict)
+    jobs: Any = None  # the job runner (actors.jobs.JobRunner)
     address: str = ""
     stopping: bool = False
     stop_accepting: trio.Event = field(default_factory=trio.Event)  # set: the API stops listening
@@ -133,6 +134,13 @@ def open_log(settings: Settings, *, clock=None) -> tuple[EventLog, State]:
             elog.save_snapshot(schema, encode_state(state))
 
     elog.add_projection(project, name="the live registry")
+    from modelium.api.metrics import track_metrics
+
+    try:
+        track_metrics(elog)  # GET /metrics: the whole log folded now, then every publish
+    except BaseException:
+        elog.close()
+        raise
     return elog, state
 
 
@@ -147,8 +155,8 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
     devs = devices if devices is not None else detect_devices(
         cpu_budget=settings.cpu_memory, gpu_fraction=settings.gpu_memory_fraction,
         fake_gpus=settings.fake_gpus, use_gpus=settings.use_gpus)
-    policy = make_policy(settings.policy, {"keep_alive_s": settings.keep_alive_s,
-                                           "retry_failed_s": settings.retry_failed_s})
+    policy = configured_policy(settings.policy, settings.policy_settings, keep_alive_s=settings.keep_alive_s,
+                               retry_failed_s=settings.retry_failed_s)
     options = AnalysisOptions(
         allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code,
         context_tokens=settings.context_tokens, concurrency=settings.concurrency,
@@ -188,11 +196,17 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                                               interval_s=settings.scan_interval_s, settle_s=settings.settle_s,
                                               options=options))
             sup.start(root, Ticker(elog, settings.tick_s))
-            for actor in (router, runners, brain, watcher):
+            from actors.jobs import JobRunner
+            from modelium.api.jobs import execute_job
+
+            jobs = sup.start(root, JobRunner(elog, router=router, settings=settings, execute=execute_job,
+                                             concurrency=settings.job_concurrency,
+                                             retention_s=settings.job_retention_s))
+            for actor in (router, runners, brain, watcher, jobs):
                 await actor.started.wait()
             system = System(settings=settings, log=elog, registry=registry, devices={d.name: d for d in devs},
                             router=router, runners=runners, brain=brain, watcher=watcher, backends=backends,
-                            allocators=allocators, root=root)
+                            allocators=allocators, root=root, jobs=jobs)
             if serve_api:
                 system.address = await root.start(serve_http, system)
             else:

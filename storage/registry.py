@@ -12,6 +12,7 @@ import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from modelium.core.traffic import GAP_BINS, RECENT, gap_bin
 from modelium.core.messages import (
     ActorCrashed,
     BrainStarted,
@@ -93,6 +94,13 @@ class ModelEntry:
     # version (fingerprint) that load was of: the next placement of the same version uses it
     measured_bytes: int = 0
     measured_fingerprint: str = ""
+    # arrivals, for policies that learn from traffic (modelium.core.traffic): how many, the
+    # latest RECENT times, a histogram of the gaps between them, and the keep-alive the last
+    # request asked for (None: it asked for none)
+    arrivals: int = 0
+    recent: list[float] = field(default_factory=list)
+    gaps: list[int] = field(default_factory=list)
+    keep_alive_s: float | None = None
     stats: RequestStats = field(default_factory=RequestStats)
 
     @property
@@ -187,6 +195,17 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.pending[event.request_id] = seq
             m.last_used, m.used_seq = event.ts, seq
             state.asked.add(m.name)
+            m.arrivals += 1
+            recent = m.recent
+            if recent:
+                if not m.gaps:
+                    m.gaps = [0] * GAP_BINS
+                m.gaps[gap_bin(event.ts - recent[-1])] += 1
+                if len(recent) >= RECENT:
+                    del recent[0]
+            recent.append(event.ts)
+            if event.keep_alive_s is not None:
+                m.keep_alive_s = event.keep_alive_s
     elif t is RequestFinished:
         m = _model(state, event.model)
         if m is not None:
@@ -206,6 +225,7 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         if m is not None:
             if event.last_ts >= m.last_used:
                 m.last_used, m.used_seq = event.last_ts, event.last_seq
+            m.arrivals += event.arrivals
             st = m.stats
             for k in REQUEST_STATUSES:
                 setattr(st, k, getattr(st, k) + getattr(event, k))

@@ -159,3 +159,30 @@ def make_server(tmp_path):
     yield make
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+async def app(tmp_path, nursery):
+    """The HTTP app of a real in-process system (real log, actors, no HTTP server), whose registry
+    knows three models that are never loaded: gen, emb (embedding) and small (a 64-token context)."""
+    import msgspec
+    from helpers import spec
+
+    from modelium.api.app import create_app
+    from modelium.core.config import Settings
+    from modelium.core.messages import ModelDiscovered
+    from modelium.system import run_system
+
+    (tmp_path / "models").mkdir()
+    settings = Settings(models_dirs=[tmp_path / "models"], db=tmp_path / "log.db", spare_workers=0,
+                        cpu_memory="1GiB")
+    system = await nursery.start(lambda task_status: run_system(settings, task_status=task_status, serve_api=False))
+    # models the registry knows (never loaded by these tests: every request here is refused first)
+    system.log.publish(ModelDiscovered(model="gen", spec=spec("gen")))
+    emb = spec("emb", task="embedding")
+    system.log.publish(ModelDiscovered(model="emb", spec=emb))
+    small = msgspec.structs.replace(spec("small"), max_context=64, max_token_chars=4)
+    system.log.publish(ModelDiscovered(model="small", spec=small))
+    app = create_app(system)
+    yield app
+    nursery.cancel_scope.cancel()

@@ -4,32 +4,6 @@ parameter at fault."""
 
 import pytest
 
-from modelium.api.app import create_app
-from modelium.core.config import Settings
-from modelium.core.messages import ModelDiscovered
-from modelium.system import run_system
-
-
-@pytest.fixture
-async def app(tmp_path, nursery):
-    from helpers import spec
-
-    (tmp_path / "models").mkdir()
-    settings = Settings(models_dirs=[tmp_path / "models"], db=tmp_path / "log.db", spare_workers=0,
-                        cpu_memory="1GiB")
-    system = await nursery.start(lambda task_status: run_system(settings, task_status=task_status, serve_api=False))
-    # models the registry knows (never loaded by these tests: every request here is refused first)
-    system.log.publish(ModelDiscovered(model="gen", spec=spec("gen")))
-    emb = spec("emb", task="embedding")
-    system.log.publish(ModelDiscovered(model="emb", spec=emb))
-    import msgspec
-
-    small = msgspec.structs.replace(spec("small"), max_context=64, max_token_chars=4)
-    system.log.publish(ModelDiscovered(model="small", spec=small))
-    app = create_app(system)
-    yield app
-    nursery.cancel_scope.cancel()
-
 
 CASES = [
     # route, body, status, param, needle

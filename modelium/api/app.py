@@ -33,6 +33,8 @@ from werkzeug.exceptions import HTTPException
 import modelium
 from actors.base import ActorDied
 from actors.router import Refused
+from modelium.api.auth import caller_tenant, tenant_for
+from modelium.api.auth import install as install_auth
 from modelium.api.errors import error_body, error_response, validation_error
 from modelium.api.limits import BodyLimit
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, PredictBody
@@ -75,7 +77,7 @@ class Calls:
         self.kind = kind
         self.reqs = reqs
         self.per = per  # choices per request: request i's choices are numbered from i * per
-        self.tenant = tenant
+        self.tenant = tenant or caller_tenant()  # the caller's tenant unless told
         self.user = user
         self.chars = chars or [0] * len(reqs)
         self.id = base = f"{prefix}-{uuid.uuid4().hex}"  # the answer's id; the log's request ids derive from it
@@ -126,6 +128,22 @@ class Calls:
         self.open.clear()
 
 
+async def encode_once(system: Any, model: str, kind: str, req: Any, *, prefix: str, tenant: str = "",
+                      user: str = "") -> Encoded:
+    """Run one embedding or classification request to its answer (a ModeliumError when it fails)."""
+    calls = Calls(system, model, kind, [req], prefix=prefix, tenant=tenant, user=user,
+                  chars=[sum(len(t) for t in req.texts)])
+    try:
+        await calls.submit()
+        item = await calls.next()
+    finally:
+        calls.close()
+    frame = item[1] if item else Failed(kind=ErrorKind.internal, message="no answer")
+    if isinstance(frame, Failed):
+        raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
+    return frame
+
+
 def usage(prompt: int, completion: int | None = None) -> dict[str, int]:
     if completion is None:
         return {"prompt_tokens": prompt, "total_tokens": prompt}
@@ -165,6 +183,7 @@ def create_app(system: Any) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     app.config["RESPONSE_TIMEOUT"] = None  # a stream lasts as long as its generation
     app.asgi_app = BodyLimit(app.asgi_app, settings.max_body)  # type: ignore[method-assign]
+    install_auth(app, system)  # API keys, tenants, limits; /admin/keys and /v1/usage
     started = time.time()
 
     @app.errorhandler(HTTPException)
@@ -352,7 +371,7 @@ def create_app(system: Any) -> QuartTrio:
             if not frame.text and not frame.finish:
                 return []
             c = head() | {"choices": [{"index": offset + frame.index, "text": frame.text, "logprobs": None,
-                                       "finish_reason": _finish(frame.finish)}]}
+                                       "finish_reason": finish_reason(frame.finish)}]}
             if include_usage:
                 c["usage"] = None
             return [c]
@@ -362,7 +381,7 @@ def create_app(system: Any) -> QuartTrio:
             if usage_chunk:
                 return head() | {"choices": [], "usage": u}
             return head() | {"choices": [{"index": i, "text": acc.choice_text(i), "logprobs": None,
-                                          "finish_reason": _finish(acc.finish[i])} for i in range(len(acc.text))],
+                                          "finish_reason": finish_reason(acc.finish[i])} for i in range(len(acc.text))],
                              "usage": u}
 
         return await generate(calls, bool(req.stream), chunk, final, req.include_usage)
@@ -395,7 +414,7 @@ def create_app(system: Any) -> QuartTrio:
                                                   "logprobs": None, "finish_reason": None}]} | extra)
             if frame.finish:
                 out.append(head() | {"choices": [{"index": frame.index, "delta": {}, "logprobs": None,
-                                                  "finish_reason": _finish(frame.finish)}]} | extra)
+                                                  "finish_reason": finish_reason(frame.finish)}]} | extra)
             return out
 
         def final(acc: Generated, usage_chunk: bool = False):
@@ -405,7 +424,7 @@ def create_app(system: Any) -> QuartTrio:
             return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                     "system_fingerprint": None,
                     "choices": [{"index": i, "message": {"role": "assistant", "content": acc.choice_text(i)},
-                                 "logprobs": None, "finish_reason": _finish(acc.finish[i])}
+                                 "logprobs": None, "finish_reason": finish_reason(acc.finish[i])}
                                 for i in range(len(acc.text))],
                     "usage": u}
 
@@ -414,17 +433,7 @@ def create_app(system: Any) -> QuartTrio:
     # ------------------------------------------------------------------ encoders
 
     async def encode(model: str, kind: str, req: Encode, prefix: str, tenant: str = "", user: str = "") -> Encoded:
-        calls = Calls(system, model, kind, [req], prefix=prefix, tenant=tenant, user=user,
-                      chars=[sum(len(t) for t in req.texts)])
-        try:
-            await calls.submit()
-            item = await calls.next()
-        finally:
-            calls.close()
-        frame = item[1] if item else Failed(kind=ErrorKind.internal, message="no answer")
-        if isinstance(frame, Failed):
-            raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
-        return frame
+        return await encode_once(system, model, kind, req, prefix=prefix, tenant=tenant, user=user)
 
     @app.post("/v1/embeddings")
     async def embeddings():
@@ -455,7 +464,7 @@ def create_app(system: Any) -> QuartTrio:
         body: PredictBody = await body_of(PredictBody)
         entry = registry.models.get(name)
         task = entry.spec.task if entry is not None and entry.spec is not None else None
-        tenant = body.organizationId or ""
+        tenant = tenant_for(body.organizationId)  # a user key may only name its own tenant (else 403)
         if task in ("embedding", "classification"):
             if body.input is None:
                 raise ModeliumError(ErrorKind.bad_request, f"model '{name}' is a {task} model: send 'input'",
@@ -482,12 +491,17 @@ def create_app(system: Any) -> QuartTrio:
                                     param="input")
             if body.max_tokens is not None:
                 params["max_tokens"] = body.max_tokens
+            try:  # the route's own limits (an empty list of messages...) are a 400, as on /v1
+                if body.messages is not None:
+                    req = ChatRequest(messages=body.messages, **params)
+                else:
+                    creq = CompletionRequest(prompt=body.prompt, **params)
+            except ValidationError as e:
+                raise validation_error(e) from None
             if body.messages is not None:
-                req = ChatRequest(messages=body.messages, **params)
                 req.check()
                 gen, kind = req.to_request(), "chat"
             else:
-                creq = CompletionRequest(prompt=body.prompt, **params)
                 creq.check()
                 gen, kind = creq.to_request(creq.prompts()[0]), "completion"
             calls = Calls(system, name, kind, [gen], prefix="predict", per=gen.n, tenant=tenant,
@@ -510,10 +524,25 @@ def create_app(system: Any) -> QuartTrio:
     from modelium.api.ws import add_websocket_routes
 
     add_websocket_routes(app, system)
+    from modelium.api.dashboard import add_dashboard_routes
+
+    add_dashboard_routes(app)  # GET /: the web dashboard, its files under /dashboard/static/
+    from modelium.api.jobs import add_job_routes
+
+    add_job_routes(app, system)  # /v1/jobs: asynchronous jobs
+    from modelium.api.openapi import add_openapi_route
+
+    add_openapi_route(app)  # GET /openapi.json: describes every route, whenever it was added
+    from modelium.api.events import add_event_routes
+
+    add_event_routes(app, system)
+    from modelium.api.metrics import add_metrics_route
+
+    add_metrics_route(app, system)
     return app
 
 
-def _finish(reason: str) -> str | None:
+def finish_reason(reason: str) -> str | None:
     """OpenAI's finish_reason: "stop", "length", or null while going (a cancelled choice: null)."""
     return reason if reason in ("stop", "length") else None
 

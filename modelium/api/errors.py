@@ -46,7 +46,13 @@ def error_body(kind: ErrorKind | str, message: str, param: str | None = None) ->
     status = status_of(k)
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500
                                                                else "invalid_request_error"),
-                      "param": param or None, "code": _CODES.get(k, k.value)}}
+                      "param": param or None, "code": _code(k, message, param)}}
+
+
+def _code(k: ErrorKind, message: str, param: str | None) -> str:
+    if k is ErrorKind.not_found and not (param in ("model", "name") or (param is None and "model" in message)):
+        return "not_found"  # a job, a key, a request: not a model
+    return _CODES.get(k, k.value)
 
 
 def error_response(err: ModeliumError) -> Response:

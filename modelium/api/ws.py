@@ -42,7 +42,7 @@ OPS = {"completion": CompletionRequest, "chat": ChatRequest, "embedding": Embedd
 
 
 def add_websocket_routes(app: Any, system: Any) -> None:
-    from modelium.api.app import Calls, classifications, embedding_objects, usage
+    from modelium.api.app import Calls, classifications, embedding_objects, encode_once, usage
 
     @app.websocket("/ws/infer")
     async def ws_infer():
@@ -78,15 +78,7 @@ def add_websocket_routes(app: Any, system: Any) -> None:
 
         async def run_one(rid: str, op: str, body: Any) -> None:
             if op in ("embedding", "classify"):
-                calls = Calls(system, body.model, op, [body.to_request()], prefix="ws")
-                try:
-                    await calls.submit()
-                    item = await calls.next()
-                finally:
-                    calls.close()
-                frame = item[1] if item else Failed(kind=ErrorKind.internal, message="no answer")
-                if isinstance(frame, Failed):
-                    raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
+                frame = await encode_once(system, body.model, op, body.to_request(), prefix="ws")
                 data = embedding_objects(frame, getattr(body, "encoding_format", "float")) if op == "embedding" \
                     else classifications(frame)
                 emit({"id": rid, "type": "result", "data": data, "usage": usage(frame.prompt_tokens)})

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from modelium.core.limits import TenantLimits
 from modelium.hardware import parse_bytes
 
 ENV_PREFIX = "MODELIUM_"
@@ -41,6 +42,7 @@ class Settings(BaseModel):
 
     # the brain
     policy: str = "lru"
+    policy_settings: dict[str, Any] = Field(default_factory=dict)  # the policy's own (`modelium policies`)
     keep_alive_s: float = Field(300.0, ge=0)
     retry_failed_s: float = Field(30.0, ge=0)
     tick_s: float = Field(5.0, gt=0)
@@ -63,6 +65,8 @@ class Settings(BaseModel):
     max_body: int = Field(4 * 2**20, ge=1024)  # bytes of a request body; more get a 413
     batch_wait_ms: float = Field(2.0, ge=0)  # embeddings/classification: a lone input waits this long for company
     batch_max_size: int = Field(32, ge=1)  # embeddings/classification: inputs per forward pass
+    job_concurrency: int = Field(4, ge=1)  # asynchronous jobs (/v1/jobs) run at once
+    job_retention_s: float = Field(86400.0, gt=0)  # a finished job's result is kept this long
     drain_s: float = Field(30.0, ge=0)
     spare_workers: int = Field(1, ge=0)
     # torch threads of a worker running on the CPU. Default: a generating worker takes all cores
@@ -75,8 +79,42 @@ class Settings(BaseModel):
     snapshot_every: int = Field(50_000, ge=0)  # events between registry snapshots (0: only at shutdown)
     retention_s: float | None = Field(7 * 86400.0, gt=0)  # request events older than this are rolled up
     compact_every_s: float = Field(3600.0, gt=0)
+    # /ws/events: a heartbeat after this many idle seconds; a consumer with more live events than
+    # events_buffer not yet sent is closed (code 4008) with where to resume
+    events_heartbeat_s: float = Field(15.0, gt=0)
+    events_buffer: int = Field(10_000, ge=1)
+
+    # API keys and tenants (modelium.api.auth): without keys a server serves only on loopback,
+    # unless insecure; limits per tenant (tenant_limits[tenant], else default_limits)
+    insecure: bool = False
+    tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict)
+    default_limits: TenantLimits = Field(default_factory=TenantLimits)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _policy(self) -> "Settings":
+        from modelium.core.policies import OFFLINE, configured_policy
+
+        if self.policy in OFFLINE:
+            raise ValueError(f"policy {self.policy!r} knows the future: it runs in simulations only "
+                             f"(`modelium replay simulate --policy {self.policy}`)")
+        try:
+            configured_policy(self.policy, self.policy_settings, keep_alive_s=self.keep_alive_s,
+                              retry_failed_s=self.retry_failed_s)
+        except ValueError as e:
+            raise ValueError(f"policy: {e}") from None
+        return self
+
+    @field_validator("tenant_limits", "default_limits", "policy_settings", mode="before")
+    @classmethod
+    def _yaml_text(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        try:  # from the environment: YAML or JSON text
+            return yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise ValueError(f"not valid YAML or JSON: {e}") from None
 
     @field_validator("cpu_memory", "runtime_overhead", "max_body", mode="before")
     @classmethod
@@ -156,7 +194,12 @@ def load_settings(
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            field = ".".join(str(x) for x in err["loc"]) or "?"
-            top = str(err["loc"][0]) if err["loc"] else ""
-            problems.append(f"{field} (from {sources.get(top, 'defaults')}): {err['msg']}")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if not err["loc"]:  # a rule across settings (the policy and its settings)
+                where = ", ".join(f"{k} from {sources[k]}" for k in ("policy", "policy_settings") if k in sources)
+                problems.append(f"{msg} ({where or 'defaults'})")
+                continue
+            field = ".".join(str(x) for x in err["loc"])
+            top = str(err["loc"][0])
+            problems.append(f"{field} (from {sources.get(top, 'defaults')}): {msg}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None

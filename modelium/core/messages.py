@@ -289,6 +289,7 @@ class RequestArrived(Event, frozen=True, kw_only=True):
     max_tokens: int = 0
     tenant: str = ""  # the organization the request is for ("" when none was given)
     user: str = ""  # OpenAI's ``user``: the client's own name for its end user
+    keep_alive_s: float | None = None  # the request's own keep-alive for its model (Ollama's keep_alive)
 
 
 # "interrupted": the server died while the request was admitted; closed at the next start
@@ -344,6 +345,63 @@ class RequestsRolledUp(Event, frozen=True, kw_only=True):
     service_hist: list[int] = []
 
 
+# jobs (the API accepts them, the job runner runs them) ------------------------------------------
+
+
+JOB_STATUSES = ("succeeded", "failed")
+
+
+class JobAccepted(Event, frozen=True, kw_only=True):
+    """An asynchronous job was accepted: the API answers 202 once this event is durable."""
+
+    job_id: str
+    kind: str  # one of REQUEST_KINDS: which route's body ``body`` is
+    body: str  # the route's JSON body, as text
+    tenant: str = ""  # the caller's tenant: only it (and admins) may see the job
+    user: str = ""
+
+
+class JobStarted(Event, frozen=True, kw_only=True):
+    """A run of the job began (``attempt`` > 1: it runs again, the server died during a run)."""
+
+    job_id: str
+    attempt: int = 1
+
+
+class JobFinished(Event, frozen=True, kw_only=True):
+    """The job's one outcome: its ``result`` (JSON text of what the synchronous route answers) or
+    its error. Written at most once per job id."""
+
+    job_id: str
+    status: Literal["succeeded", "failed"]
+    result: str = ""
+    error: str = ""
+    error_kind: str = ""  # the ErrorKind of a failed job
+
+
+class JobCancelled(Event, frozen=True, kw_only=True):
+    """The job was cancelled (``DELETE /v1/jobs/{id}``): it never runs, or its run is stopped."""
+
+    job_id: str
+    reason: str = ""
+
+
+# API keys (modelium.api.auth): only a hash of a key's secret is ever stored -------------------
+
+
+class KeyCreated(Event, frozen=True, kw_only=True):
+    key_id: str  # the key's public id (the key is ``mdl_<key_id>_<secret>``)
+    tenant: str  # the organization the key acts for
+    role: str  # "user" | "admin"
+    hash: str  # hex sha256 of the secret
+    by: str = ""  # who created it: "cli", or the key id of the admin who did
+
+
+class KeyRevoked(Event, frozen=True, kw_only=True):
+    key_id: str
+    by: str = ""
+
+
 AnyEvent = Union[
     ServerStarted, ServerStopped, BrainStarted, Tick,
     ActorCrashed, ActorRestarted, ActorGaveUp,
@@ -352,6 +410,8 @@ AnyEvent = Union[
     Load, Evict, Reject,
     LoadStarted, LoadCompleted, LoadFailed, Unloaded, WorkerCrashed,
     RequestArrived, RequestFinished, RequestsRolledUp,
+    JobAccepted, JobStarted, JobFinished, JobCancelled,
+    KeyCreated, KeyRevoked,
 ]
 
 EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in AnyEvent.__args__}  # type: ignore[attr-defined]

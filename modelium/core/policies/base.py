@@ -11,7 +11,7 @@ storage layer that implements it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set as AbstractSet
+from collections.abc import Mapping, Sequence, Set as AbstractSet
 from typing import Any, Protocol
 
 from modelium.core.memory import needed_bytes
@@ -39,6 +39,12 @@ class ModelView(Protocol):
     fingerprint: str
     measured_bytes: int
     measured_fingerprint: str
+    load_s: float  # the last load's measured seconds (0: never loaded)
+    loaded_at: float
+    arrivals: int  # requests that ever arrived for it
+    recent: Sequence[float]  # the latest arrival times (storage.registry.RECENT of them), oldest first
+    gaps: Sequence[int]  # histogram of inter-arrival gaps (storage.registry.gap_bin); empty: none yet
+    keep_alive_s: float | None  # the keep-alive its last request asked for (None: none)
 
     @property
     def waiting(self) -> list[int]: ...

@@ -52,6 +52,26 @@ class LRUPolicy:
     def victim_reason(self, m: ModelView, now: float, device: str) -> str:
         return f"least recently used idle model on {device} (idle {now - m.last_used:.0f} s)"
 
+    # hooks for the policies built on this one (each is documented where it is overridden)
+
+    busy_victims = False  # may a busy model be evicted (it drains first) when no idle one makes room?
+
+    def keep_alive(self, m: ModelView, now: float) -> tuple[float, str]:
+        """How long ``m`` may stay idle before a Tick unloads it, and why that long."""
+        return self.keep_alive_s, f"keep-alive {self.keep_alive_s:g} s"
+
+    def protected(self, m: ModelView) -> bool:
+        """A model that is never chosen as a victim (a pinned model)."""
+        return False
+
+    def max_models(self, device: Any) -> int | None:
+        """At most this many models placed on ``device`` at once (None: as many as fit)."""
+        return None
+
+    def on_tick(self, view: ClusterView, now: float, used: dict[str, int], leaving: set[str],
+                devices: list, idle: dict[str, list[ModelView]], out: list[Decision]) -> None:
+        """Extra decisions a policy takes on a Tick, after placing waiting requests."""
+
     def decide(self, view: ClusterView, trigger: Event) -> list[Decision]:
         now = trigger.ts
         out: list[Decision] = []
@@ -81,13 +101,16 @@ class LRUPolicy:
         if tick:
             for name in sorted(models):
                 m = models[name]
-                idle = now - m.last_used
-                if m.state == "ready" and not m.pending and name not in leaving and idle >= self.keep_alive_s:
-                    evict(m, f"idle for {idle:.0f} s (keep-alive {self.keep_alive_s:g} s)")
+                if m.state == "ready" and not m.pending and name not in leaving and not self.protected(m):
+                    idle = now - m.last_used
+                    limit, why = self.keep_alive(m, now)
+                    if idle >= limit:
+                        evict(m, f"idle for {idle:.0f} s ({why})")
 
-        if not waits:
+        if not waits and not tick:
             return out
         wanting = sorted((view.models[name] for name in waits), key=lambda m: (waits[m.name][0], m.name))
+        busy_victims = self.busy_victims
         # one pass over the models: memory placed per device (loading or ready, as
         # ``view.used_bytes``), and each device's idle ready models (to be put in victim order)
         used = dict.fromkeys(view.devices, 0)
@@ -96,11 +119,11 @@ class LRUPolicy:
             if x.device is not None and x.state in _PLACED:
                 if x.device in used and x.name not in leaving:
                     used[x.device] += x.bytes
-                if x.state == "ready" and not x.pending:
+                if x.state == "ready" and (busy_victims or not x.pending) and not self.protected(x):
                     idle.setdefault(x.device, []).append(x)
         devices = sorted(view.devices.values(), key=lambda d: (d.kind != "gpu", d.name))
-        for victims in idle.values():
-            victims.sort(key=lambda x: self.victim_key(x, now))
+        for victims in idle.values():  # idle ones first (busy ones, where allowed, drain first)
+            victims.sort(key=lambda x: (bool(x.pending), self.victim_key(x, now)))
 
         def reach() -> int:
             """The most memory any device could offer now: its free bytes and its idle models'."""
@@ -138,6 +161,8 @@ class LRUPolicy:
             self._place(view, m, n, now, used, leaving, out, devices, idle)
             if len(out) != decided:
                 spare = reach()
+        if tick:
+            self.on_tick(view, now, used, leaving, devices, idle, out)
         return out
 
     def _place(self, view: ClusterView, m: ModelView, n: int, now: float, used: dict[str, int],
@@ -145,8 +170,17 @@ class LRUPolicy:
         need = needs(m)
         if not devices:
             return
+        placed: dict[str, int] = {}  # device -> models placed there (loading or ready, not leaving)
+        limits = {d.name: self.max_models(d) for d in devices}
+        if any(v is not None for v in limits.values()):
+            for x in view.models.values():
+                if x.device is not None and x.state in _PLACED and x.name not in leaving:
+                    placed[x.device] = placed.get(x.device, 0) + 1
         for d in devices:
             free = d.budget_bytes - used[d.name]
+            limit = limits[d.name]
+            if limit is not None and placed.get(d.name, 0) >= limit:
+                continue
             if need <= free:
                 out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
                     f"{n} request(s) waiting; needs {format_bytes(need)}, "
@@ -163,14 +197,15 @@ class LRUPolicy:
             free = d.budget_bytes - used[d.name]
             chosen: list[ModelView] = []
             room = free
+            over = placed.get(d.name, 0) - limits[d.name] + 1 if limits[d.name] is not None else 0
             for x in idle.get(d.name, ()):
-                if room >= need:
+                if room >= need and len(chosen) >= over:
                     break
                 if x.name in leaving:
                     continue
                 chosen.append(x)
                 room += x.bytes
-            if room >= need and chosen:
+            if room >= need and chosen and len(chosen) >= over:
                 options.append((d.kind != "gpu", max(self.victim_key(x, now) for x in chosen), d.name, d, chosen,
                                 free, room))
         if options:
@@ -184,7 +219,8 @@ class LRUPolicy:
                 used[d.name] -= x.bytes
             out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
                 f"{n} request(s) waiting; needs {format_bytes(need)}, {format_bytes(room)} free on "
-                f"{d.name} after evicting {', '.join(x.name for x in chosen)}")))
+                f"{d.name} after evicting {', '.join(x.name for x in chosen)}"
+                + (f" (at most {limits[d.name]} models on {d.name})" if over > 0 else ""))))
             used[d.name] += need
             return
         biggest = max(devices, key=lambda d: d.budget_bytes)

@@ -1,0 +1,168 @@
+"""``cost-aware``: keep the models whose cold starts would cost most per byte they hold.
+
+Victims (when memory is short) are chosen by a GreedyDual-Size-Frequency score,
+
+    score = frequency x load cost / bytes
+
+lowest first, where *frequency* is the model's arrivals weighted by ``exp(-age / memory_s)``
+(``memory_s = inf``, the default, gives plain counts: best when popularity is stable; a finite
+value follows popularity that drifts), *load cost* is its last
+measured load time in seconds plus ``load_cost_floor_s`` (so that models never loaded, or
+loaded in no time, still rank by frequency), and *bytes* what it holds. Pinned models
+(``always_loaded``) are never victims and are loaded on a ``Tick`` where they fit; models of a
+higher ``priorities`` class are evicted only after every lower one; a model loaded less than its
+minimum residency ago (``residency_factor`` x its load time, at least ``min_residency_s``: a
+load is not paid for nothing) is evicted only after every other candidate of its class (against
+thrash). Both are 0 by default: in the simulator's evaluation (README) protecting fresh loads
+cost more cold starts than it saved, because the model just loaded is most often a rare one.
+
+Idle models are unloaded after a keep-alive of their own, learnt from their inter-arrival
+histogram (the hybrid histogram policy of Shahrad et al., "Serverless in the Wild", USENIX ATC
+2020): the upper edge of the gap bin holding ``keep_alive_percentile`` of the model's past gaps,
+within [``min_keep_alive_s``, ``max_keep_alive_s``]; ``keep_alive_s`` until it has
+``min_gaps`` gaps. When a model's gaps are long and regular (its ``preload_percentile`` gap
+exceeds its keep-alive), it is pre-loaded on a ``Tick`` shortly before its next predicted
+arrival (``last arrival + that gap - preload_lead_s``), into free memory only. Every number it
+uses is in the decision's reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelium.core.policies.base import ClusterView, Decision, Load, ModelView, needs
+from modelium.core.policies.lru import LRUPolicy
+from modelium.core.traffic import bin_lower_s, bin_upper_s, decayed_count, gap_percentile
+from modelium.hardware import format_bytes
+
+_LOADABLE = ("discovered", "unloaded")
+
+
+class CostAwarePolicy(LRUPolicy):
+    name = "cost-aware"
+
+    def __init__(self, memory_s: float = float("inf"), load_cost_floor_s: float = 1.0, keep_alive_s: float = 300.0,
+                 keep_alive_percentile: float = 1.0, min_keep_alive_s: float = 60.0,
+                 max_keep_alive_s: float = 300.0, min_gaps: int = 5, min_residency_s: float = 0.0,
+                 residency_factor: float = 0.0,
+                 preload: bool = True, preload_percentile: float = 0.05, preload_lead_s: float = 10.0,
+                 always_loaded: Any = (), priorities: dict[str, int] | None = None,
+                 retry_failed_s: float = 30.0, max_crashes: int = 3):
+        super().__init__(keep_alive_s=keep_alive_s, retry_failed_s=retry_failed_s, max_crashes=max_crashes)
+        self.memory_s = float(memory_s)
+        self.load_cost_floor_s = float(load_cost_floor_s)
+        self.keep_alive_percentile = float(keep_alive_percentile)
+        self.min_keep_alive_s = float(min_keep_alive_s)
+        self.max_keep_alive_s = float(max_keep_alive_s)
+        self.min_gaps = int(min_gaps)
+        self.min_residency_s = float(min_residency_s)
+        self.residency_factor = float(residency_factor)
+        self.preload = bool(preload) if not isinstance(preload, str) else preload.lower() in ("1", "true", "yes")
+        self.preload_percentile = float(preload_percentile)
+        self.preload_lead_s = float(preload_lead_s)
+        if isinstance(always_loaded, str):
+            always_loaded = [n for n in always_loaded.split(",") if n]
+        self.always_loaded = sorted(set(always_loaded))
+        self.priorities = {str(k): int(v) for k, v in (priorities or {}).items()}
+        if self.memory_s <= 0 or self.load_cost_floor_s <= 0:
+            raise ValueError("memory_s and load_cost_floor_s must be > 0")
+        for label, q in (("keep_alive_percentile", self.keep_alive_percentile),
+                         ("preload_percentile", self.preload_percentile)):
+            if not 0 < q <= 1:
+                raise ValueError(f"{label} must be in (0, 1]")
+        if not 0 <= self.min_keep_alive_s <= self.max_keep_alive_s:
+            raise ValueError("need 0 <= min_keep_alive_s <= max_keep_alive_s")
+        if self.min_gaps < 1 or self.min_residency_s < 0 or self.residency_factor < 0 or self.preload_lead_s < 0:
+            raise ValueError("min_gaps must be >= 1; min_residency_s, residency_factor and preload_lead_s >= 0")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"memory_s": self.memory_s, "load_cost_floor_s": self.load_cost_floor_s,
+                "keep_alive_s": self.keep_alive_s, "keep_alive_percentile": self.keep_alive_percentile,
+                "min_keep_alive_s": self.min_keep_alive_s, "max_keep_alive_s": self.max_keep_alive_s,
+                "min_gaps": self.min_gaps, "min_residency_s": self.min_residency_s,
+                "residency_factor": self.residency_factor, "preload": self.preload,
+                "preload_percentile": self.preload_percentile, "preload_lead_s": self.preload_lead_s,
+                "always_loaded": self.always_loaded, "priorities": self.priorities,
+                "retry_failed_s": self.retry_failed_s, "max_crashes": self.max_crashes}
+
+    # -- the score ------------------------------------------------------------------------------
+
+    def frequency(self, m: ModelView, now: float) -> float:
+        return decayed_count(m.recent, m.arrivals, now, self.memory_s)
+
+    def cost(self, m: ModelView) -> float:
+        return m.load_s + self.load_cost_floor_s
+
+    def score(self, m: ModelView, now: float) -> float:
+        return self.frequency(m, now) * self.cost(m) / max(1, m.bytes or needs(m))
+
+    def residency(self, m: ModelView) -> float:
+        """How long a loaded model is kept before it may be a victim like any other: at least
+        ``residency_factor`` times what its load cost (a load is not paid for nothing)."""
+        return max(self.min_residency_s, self.residency_factor * m.load_s)
+
+    def victim_key(self, m: ModelView, now: float) -> tuple:
+        young = now - m.loaded_at < self.residency(m)
+        return (self.priorities.get(m.name, 0), young, self.score(m, now), m.last_used, m.name)
+
+    def victim_reason(self, m: ModelView, now: float, device: str) -> str:
+        f, c = self.frequency(m, now), self.cost(m)
+        size = m.bytes or needs(m)
+        parts = [f"lowest frequency x load cost / size on {device}: {f:.2f} x {c:.1f} s / {format_bytes(size)}"]
+        if m.name in self.priorities:
+            parts.append(f"priority {self.priorities[m.name]}")
+        if now - m.loaded_at < self.residency(m):
+            parts.append(f"loaded {now - m.loaded_at:.0f} s ago, under its minimum residency of "
+                         f"{self.residency(m):g} s, but no other candidate makes room")
+        state = "busy" if m.pending else f"idle {now - m.last_used:.0f} s"
+        return "; ".join(parts) + f" ({state})"
+
+    # -- keep-alive and pre-load ----------------------------------------------------------------
+
+    def keep_alive(self, m: ModelView, now: float) -> tuple[float, str]:
+        n = sum(m.gaps)
+        if n < self.min_gaps:
+            return self.keep_alive_s, f"keep-alive {self.keep_alive_s:g} s: {n} gap(s) seen, fewer than {self.min_gaps}"
+        i = gap_percentile(m.gaps, self.keep_alive_percentile)
+        edge = bin_upper_s(i) if i is not None else self.keep_alive_s
+        ka = min(self.max_keep_alive_s, max(self.min_keep_alive_s, edge))
+        return ka, (f"keep-alive {ka:g} s: {self.keep_alive_percentile:.0%} of its {n} gaps are under "
+                    f"{edge:g} s, within [{self.min_keep_alive_s:g}, {self.max_keep_alive_s:g}] s")
+
+    def protected(self, m: ModelView) -> bool:
+        return m.name in self.always_loaded
+
+    def on_tick(self, view: ClusterView, now: float, used: dict[str, int], leaving: set[str],
+                devices: list, idle: dict[str, list[ModelView]], out: list[Decision]) -> None:
+        wanted: list[tuple[str, ModelView]] = []
+        for name in self.always_loaded:
+            m = view.models.get(name)
+            if m is not None and m.state in _LOADABLE and m.spec is not None and not m.removed:
+                wanted.append(("pinned (always loaded)", m))
+        if self.preload:
+            for name in sorted(view.models):
+                m = view.models[name]
+                if m.state not in _LOADABLE or m.spec is None or m.removed or m.pending or not m.recent:
+                    continue
+                n = sum(m.gaps)
+                if n < self.min_gaps:
+                    continue
+                head = gap_percentile(m.gaps, self.preload_percentile)
+                ka, _ = self.keep_alive(m, now)
+                gap = bin_lower_s(head) if head is not None else 0.0
+                if gap <= ka:
+                    continue  # arrivals come sooner than the keep-alive: kept loaded, not pre-loaded
+                due = m.recent[-1] + gap - self.preload_lead_s
+                if due <= now < m.recent[-1] + gap:
+                    wanted.append((f"pre-load: {self.preload_percentile:.0%} of its {n} gaps are at least {gap:g} s "
+                                   f"and the last request came {now - m.recent[-1]:.0f} s ago", m))
+        for why, m in wanted:
+            need = needs(m)
+            for d in devices:
+                free = d.budget_bytes - used[d.name]
+                if need <= free:
+                    out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
+                        f"{why}; needs {format_bytes(need)}, {format_bytes(free)} free on {d.name}")))
+                    used[d.name] += need
+                    break

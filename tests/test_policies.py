@@ -1,0 +1,293 @@
+"""The baselines and the cost-aware policy, each against a hand-worked scenario (pure: a folded
+view and a trigger, no event loop), then judged in the simulator on the Azure trace mapping."""
+
+import math
+
+import pytest
+from helpers import MiB, Script
+
+from modelium.core.messages import Evict, Load, LoadCompleted, LoadStarted, RequestArrived, Tick
+from modelium.core.policies import CostAwarePolicy, OllamaPolicy, SeedRulesPolicy, make_policy
+from modelium.core.traffic import bin_upper_s, decayed_count, gap_bin, gap_percentile
+from storage.registry import fold
+
+
+def decide(s: Script, policy, trigger=None):
+    if trigger is not None:
+        s.add(trigger)
+    return policy.decide(fold(s.events), s.events[-1][1])
+
+
+def kinds(ds):
+    return [(type(d).__name__, d.model) for d in ds]
+
+
+def load(s: Script, name: str, mib: int = 100, device: str = "cpu", load_s: float = 1.0):
+    s.add(Load(model=name, device=device, bytes=mib * MiB, reason=""))
+    s.add(LoadStarted(model=name, device=device))
+    s.add(LoadCompleted(model=name, device=device, load_s=load_s))
+
+
+def use(s: Script, name: str, rid: str, keep_alive_s: float | None = None, dt: float = 1.0):
+    s.add(RequestArrived(model=name, request_id=rid, keep_alive_s=keep_alive_s), dt=dt)
+    s.finish(name, rid)
+
+
+# -- the traffic the fold keeps ----------------------------------------------------------------
+
+
+def test_the_fold_keeps_arrivals_recent_times_and_a_gap_histogram():
+    s = Script(t0=0.0)
+    s.device("cpu", 1000)
+    s.model("a")
+    for i, dt in enumerate([1, 0.5, 3, 100, 5000]):
+        use(s, "a", f"r{i}", dt=dt)
+    a = fold(s.events).models["a"]
+    assert a.arrivals == 5 and len(a.recent) == 5
+    # gaps between the arrivals: 1.5, 4, 101, 5001 s (each finish adds 1 s)
+    assert [i for i, n in enumerate(a.gaps) for _ in range(n)] == [gap_bin(1.5), gap_bin(4), gap_bin(101), gap_bin(5001)]
+    assert (gap_bin(0.3), gap_bin(1.5), gap_bin(4), gap_bin(101)) == (0, 1, 3, 7)
+    assert bin_upper_s(7) == 128 and gap_percentile(a.gaps, 0.5) == 3 and gap_percentile(a.gaps, 1.0) == gap_bin(5001)
+    assert decayed_count([0.0, 10.0], 5, 10.0, math.inf) == 5
+    assert decayed_count([0.0, 10.0], 5, 10.0, 10.0) == pytest.approx(4 * math.exp(-1) + 1)
+
+
+# -- ollama ------------------------------------------------------------------------------------
+
+
+def test_ollama_keeps_at_most_three_models_per_device_even_when_memory_would_hold_more():
+    s = Script()
+    s.device("cpu", 1000)
+    for name in "abcd":
+        s.model(name)
+    for name in "abc":
+        load(s, name)
+        use(s, name, f"r-{name}")
+    s.arrive("d", "rd")
+    out = decide(s, OllamaPolicy())
+    # equal keep-alives: Ollama sorts by duration, then by name: a goes
+    assert kinds(out) == [("Evict", "a"), ("Load", "d")]
+    assert "at most 3 models on cpu" in out[1].reason
+
+
+def test_ollama_evicts_the_shortest_keep_alive_then_waits_for_a_busy_one():
+    s = Script()
+    s.device("cpu", 300)  # room for three 100 MiB models
+    for name in "abcd":
+        s.model(name)
+    for name, ka in (("a", 600.0), ("b", None), ("c", 60.0)):
+        load(s, name)
+        use(s, name, f"r-{name}", keep_alive_s=ka)
+    s.arrive("d", "rd")
+    out = decide(s, OllamaPolicy())
+    assert kinds(out) == [("Evict", "c"), ("Load", "d")]  # keep-alives 600, 300 (default), 60
+    assert "shortest keep-alive" in out[0].reason and "(60 s)" in out[0].reason
+    # every model busy: the shortest keep-alive one is chosen anyway, and drains first
+    s2 = Script()
+    s2.device("cpu", 200)
+    for name in "abc":
+        s2.model(name)
+    for name in "ab":
+        load(s2, name)
+    s2.arrive("a", "busy-a")
+    s2.arrive("b", "busy-b")
+    s2.arrive("c", "rc")
+    out2 = decide(s2, OllamaPolicy())
+    assert kinds(out2) == [("Evict", "a"), ("Load", "c")] and "busy: it drains first" in out2[0].reason
+
+
+def test_ollama_honours_each_requests_keep_alive_on_ticks():
+    s = Script()
+    s.device("cpu", 1000)
+    for name in "abc":
+        s.model(name)
+        load(s, name)
+    use(s, "a", "ra", keep_alive_s=0.0)  # unload once idle
+    use(s, "b", "rb", keep_alive_s=-1.0)  # never unload
+    use(s, "c", "rc")  # the default, 300 s
+    assert kinds(decide(s, OllamaPolicy(), Tick())) == [("Evict", "a")]
+    s.add(Tick(), dt=10_000)
+    out = decide(s, OllamaPolicy())
+    assert kinds(out) == [("Evict", "a"), ("Evict", "c")]
+    assert "its last request's keep_alive 0 s" in out[0].reason and "the default keep-alive 300 s" in out[1].reason
+
+
+# -- seed-rules --------------------------------------------------------------------------------
+
+
+def test_seed_rules_evict_the_least_used_above_the_high_water_and_keep_pinned_models():
+    s = Script()
+    s.device("cpu", 400)
+    for name in "abcp":
+        s.model(name)
+    for name in "abcp":
+        load(s, name)
+    for i in range(3):
+        use(s, "a", f"a{i}")
+    use(s, "b", "b0")
+    for i in range(2):
+        use(s, "c", f"c{i}")
+    policy = SeedRulesPolicy(always_loaded=["p"])
+    # 400 of 400 MiB placed, above 85 %: the least used idle model goes (b: 1 request), not p (pinned, 0)
+    out = decide(s, policy, Tick())
+    assert kinds(out) == [("Evict", "b")]
+    assert "least used idle model on cpu (1 request(s)" in out[0].reason and "above 85%" in out[0].reason
+    # idle for 300 s: evicted, except the pinned model
+    s.add(Tick(), dt=400)
+    assert sorted(kinds(decide(s, policy))) == [("Evict", "a"), ("Evict", "b"), ("Evict", "c")]
+
+
+def test_seed_rules_load_always_loaded_models_where_they_fit():
+    s = Script()
+    s.device("cpu", 150)
+    s.model("p")
+    s.model("q", 100)
+    [d] = decide(s, SeedRulesPolicy(always_loaded="p,q"), Tick())  # only one fits
+    assert isinstance(d, Load) and d.model == "p" and d.reason.startswith("always loaded")
+
+
+# -- cost-aware --------------------------------------------------------------------------------
+
+
+def test_cost_aware_evicts_the_lowest_frequency_times_cost_per_byte():
+    s = Script()
+    s.device("cpu", 300)
+    for name in "abcd":
+        s.model(name)
+    load(s, "a", load_s=1.0)   # 10 requests x (1 + 1) s / 100 MiB = 20
+    load(s, "b", load_s=20.0)  # 3 requests x (20 + 1) s / 100 MiB = 63
+    load(s, "c", load_s=5.0)   # 5 requests x (5 + 1) s / 100 MiB = 30
+    for i in range(10):
+        use(s, "a", f"a{i}")
+    for i in range(3):
+        use(s, "b", f"b{i}")
+    for i in range(5):
+        use(s, "c", f"c{i}")
+    s.arrive("d", "rd")
+    out = decide(s, CostAwarePolicy())
+    assert kinds(out) == [("Evict", "a"), ("Load", "d")]  # the most used, but the cheapest to reload
+    assert "10.00 x 2.0 s / 100.0 MiB" in out[0].reason
+    # a higher priority class is evicted only after every lower one
+    out = decide(s, CostAwarePolicy(priorities={"a": 1}))
+    assert kinds(out) == [("Evict", "c"), ("Load", "d")]
+
+
+def test_cost_aware_keeps_a_fresh_load_for_as_long_as_it_cost():
+    s = Script()
+    s.device("cpu", 200)
+    for name in "abc":
+        s.model(name)
+    load(s, "a", load_s=1.0)
+    use(s, "a", "a0")
+    s.add(Tick(), dt=100)
+    load(s, "b", load_s=60.0)  # just loaded: it took 60 s, so it stays at least 60 s
+    s.arrive("c", "rc")
+    assert kinds(decide(s, CostAwarePolicy())) == [("Evict", "b"), ("Load", "c")]  # b: no request yet
+    out = decide(s, CostAwarePolicy(residency_factor=1.0))
+    assert kinds(out) == [("Evict", "a"), ("Load", "c")]  # b is kept for as long as its load took
+
+
+def test_cost_aware_learns_each_models_keep_alive_from_its_gaps():
+    s = Script(t0=0.0)
+    s.device("cpu", 1000)
+    s.model("a")
+    load(s, "a")
+    for i in range(8):
+        use(s, "a", f"a{i}", dt=9.0)  # gaps of 10 s: bin [8, 16)
+    policy = CostAwarePolicy(min_keep_alive_s=5.0)
+    ka, why = policy.keep_alive(fold(s.events).models["a"], s.t)
+    assert ka == 16 and "100% of its 7 gaps are under 16 s" in why
+    s.add(Tick(), dt=20)
+    [d] = decide(s, policy)
+    assert isinstance(d, Evict) and d.model == "a" and "keep-alive 16 s" in d.reason
+
+
+def test_cost_aware_preloads_a_model_with_long_regular_gaps_before_it_is_due():
+    s = Script(t0=0.0)
+    s.device("cpu", 1000)
+    s.model("a")
+    for i in range(6):  # a request every ~1,000 s (bin [512, 1024))
+        s.add(RequestArrived(model="a", request_id=f"a{i}"), dt=1000.0)
+        s.finish("a", f"a{i}")
+    policy = CostAwarePolicy(preload_lead_s=100.0)
+    # its gaps are all in [512, 1024) s: the head gap (5 %) is 512 s, above the 300 s keep-alive,
+    # so it is pre-loaded from 512 - 100 s after its last request until 512 s after it
+    s.add(Tick(), dt=300)
+    assert decide(s, policy) == []  # not due yet
+    s.add(Tick(), dt=150)
+    out = decide(s, policy)
+    assert kinds(out) == [("Load", "a")] and out[0].reason.startswith("pre-load")
+    s.add(Tick(), dt=1000)  # past the predicted arrival: no pre-load
+    assert decide(s, policy) == []
+
+
+def test_cost_aware_pins_and_settings():
+    s = Script()
+    s.device("cpu", 200)
+    s.model("p")
+    s.model("q")
+    load(s, "p")
+    policy = make_policy("cost-aware", {"always_loaded": "p,q", "memory_s": "inf"})
+    [d] = decide(s, policy, Tick())
+    assert isinstance(d, Load) and d.model == "q" and d.reason.startswith("pinned")
+    assert policy.settings["always_loaded"] == ["p", "q"] and policy.settings["memory_s"] == math.inf
+    assert policy.protected(fold(s.events).models["p"])
+    with pytest.raises(ValueError):
+        CostAwarePolicy(keep_alive_percentile=0)
+    with pytest.raises(ValueError):
+        CostAwarePolicy(min_keep_alive_s=10, max_keep_alive_s=5)
+
+
+# -- judged in the simulator -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["conv", "code"])
+@pytest.mark.parametrize("slots", [4, 8])
+def test_cost_aware_closes_half_of_lrus_gap_to_the_optimum_on_the_azure_mapping(kind, slots):
+    from replay.metrics import summarize
+    from replay.simulator import Config, simulate
+    from replay.workloads import ModelInfo, Workload, azure
+
+    gb = 10**9
+    trace = azure(kind, models=20, zipf=1.1, seed=0)
+    w = Workload(name=trace.name, arrivals=trace.arrivals, start=trace.start,
+                 models={m: ModelInfo(m, bytes=10 * gb) for m in trace.models})
+    cold = {p: summarize(simulate(w, Config(devices={"gpu:0": slots * 10 * gb}, policy=p)))["cold_starts"]
+            for p in ("lru", "ollama", "seed-rules", "cost-aware", "belady")}
+    assert cold["cost-aware"] < min(cold["lru"], cold["ollama"], cold["seed-rules"]), cold
+    assert cold["cost-aware"] <= (cold["lru"] + cold["belady"]) / 2, cold
+    assert cold["belady"] <= cold["cost-aware"]
+
+
+# -- configuration and the CLI -----------------------------------------------------------------
+
+
+def test_the_servers_policy_and_its_settings_are_checked_when_settings_load():
+    from modelium.core.config import ConfigError, load_settings
+    from modelium.core.policies import configured_policy
+
+    s = load_settings(env={"MODELIUM_POLICY": "seed-rules", "MODELIUM_POLICY_SETTINGS": '{"high_water": 0.9}'},
+                      overrides={"retry_failed_s": 12})
+    p = configured_policy(s.policy, s.policy_settings, keep_alive_s=s.keep_alive_s, retry_failed_s=s.retry_failed_s)
+    assert p.name == "seed-rules" and p.high_water == 0.9 and p.retry_failed_s == 12  # keep_alive_s: not its setting
+    for env, needle in (({"MODELIUM_POLICY": "nope"}, "unknown policy 'nope'"),
+                        ({"MODELIUM_POLICY": "belady"}, "runs in simulations only"),
+                        ({"MODELIUM_POLICY": "cost-aware", "MODELIUM_POLICY_SETTINGS": "{bogus: 1}"}, "bogus"),
+                        ({"MODELIUM_POLICY": "ollama", "MODELIUM_POLICY_SETTINGS": "max_loaded_per_gpu: 0"},
+                         "max_loaded_per_gpu must be >= 1")):
+        with pytest.raises(ConfigError, match=needle):
+            load_settings(env=env)
+
+
+def test_modelium_policies_lists_every_policy_with_its_settings():
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "modelium", "policies", "--json"], capture_output=True, text=True,
+                         check=True).stdout
+    listed = json.loads(out)
+    assert set(listed) == {"lru", "ollama", "seed-rules", "cost-aware", "belady", "belady-size"}
+    assert listed["cost-aware"]["settings"]["memory_s"] == "inf" and not listed["cost-aware"]["offline"]
+    assert listed["belady"]["offline"] and listed["ollama"]["settings"]["max_loaded_per_gpu"] == 3
+    assert "Ollama's scheduler" in listed["ollama"]["about"]
