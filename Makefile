@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/serving.py
 	$(PY) bench/peer.py
 	$(PY) bench/simulate.py
+	$(PY) bench/policies.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

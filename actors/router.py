@@ -1,4 +1,5 @@
-"""The router: admission, per-model FIFO queues, dispatch, deadlines, cancellation.
+"""The router: admission, per-model queues (priority classes, fair shares over tenants, FIFO
+within a tenant), dispatch, deadlines, cancellation.
 
 ``Submit`` (asked by the API) is admitted when the model exists, serves the request's kind, the
 input is not surely too long for it and its queue has room (:mod:`modelium.core.routing`
@@ -80,11 +81,12 @@ class Router(Actor):
 
     name = "router"
 
-    def __init__(self, log: EventLog, registry: State, *, max_queue: int = 256):
+    def __init__(self, log: EventLog, registry: State, *, max_queue: int = 256,
+                 tenant_shares: dict[str, float] | None = None):
         super().__init__(mailbox=65536)
         self.log = log
         self.registry = registry
-        self.q = routing.Queues(max_queue)
+        self.q = routing.Queues(max_queue, tenant_shares)
         self._timer_wake = trio.Event()
         self.refusing: str | None = None  # why new requests are refused (the server is stopping)
         self._idle = trio.Event()
@@ -175,9 +177,10 @@ class Router(Actor):
         max_tokens = req.max_tokens if isinstance(req, Generation) else 0
         seq = self.log.publish(RequestArrived(
             model=msg.model, request_id=msg.request_id, kind=msg.kind, prompt_chars=msg.prompt_chars,
-            max_tokens=max_tokens, tenant=msg.tenant, user=msg.user))
+            max_tokens=max_tokens, tenant=msg.tenant, user=msg.user, priority=msg.priority))
         first = self.q.next_deadline()
-        p = self.q.admit(msg.model, msg.request_id, seq, trio.current_time(), msg.timeout_s, msg)
+        p = self.q.admit(msg.model, msg.request_id, seq, trio.current_time(), msg.timeout_s, msg,
+                         tenant=msg.tenant, priority=msg.priority)
         if p.deadline < first:
             self._timer_wake.set()
         self._pump(msg.model)

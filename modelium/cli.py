@@ -6,6 +6,7 @@
   modelium replay simulate WORKLOAD [--policy lru,belady] [--devices 80GiB,80GiB] [--json] [--plot F]
   modelium events [DB] [--since N] [--follow] [--type T] [--model M] [--limit N] [--json]
   modelium db check|recover [DB] [--out FILE]
+  modelium load|unload|pin|unpin MODEL [--device D] [--url URL] [--key KEY] [--json]
 """
 
 from __future__ import annotations
@@ -131,6 +132,21 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _tenant_shares(text: str | None) -> dict[str, float]:
+    """--tenant-shares: YAML or JSON text of {tenant: weight} (ValueError says what is wrong)."""
+    import yaml
+
+    from modelium.core.routing import check_shares
+
+    try:
+        shares = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"--tenant-shares: not valid YAML or JSON: {e}") from None
+    if not isinstance(shares, dict):
+        raise ValueError(f"--tenant-shares: give a mapping of tenant to weight, e.g. '{{\"acme\": 2}}', not {text!r}")
+    return check_shares(shares)
+
+
 def _param(text: str) -> tuple[str, object]:
     """``name=value``: a number, ``inf``, ``true``/``false`` or a string."""
     name, eq, value = text.partition("=")
@@ -186,6 +202,9 @@ def _simulate(args: argparse.Namespace) -> int:
         if unknown:
             return fail(f"unknown policy {unknown[0]!r}; known: {', '.join(sorted(POLICIES))}")
         params = dict(args.param or [])
+        shares = _tenant_shares(args.tenant_shares)
+        if args.max_inflight is not None and args.max_inflight < 1:
+            return fail(f"--max-inflight must be 1 or more, not {args.max_inflight}")
         model_bytes = None
         if args.model_bytes:
             from modelium.hardware import parse_bytes
@@ -201,7 +220,8 @@ def _simulate(args: argparse.Namespace) -> int:
         accepted = set(inspect.signature(POLICIES[name]).parameters)
         mine = {k: v for k, v in params.items() if k in accepted}
         config = Config(devices=devices, policy=name, params=mine, model_bytes=model_bytes, load_s=args.load_s,
-                        service_s=args.service_s, tick_s=args.tick_s)
+                        service_s=args.service_s, tick_s=args.tick_s, tenant_shares=shares,
+                        **({"max_inflight": args.max_inflight} if args.max_inflight else {}))
         bar = None
         if sys.stderr.isatty() and not args.json:
             from tqdm import tqdm
@@ -386,6 +406,8 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--load-s", type=float, help="load time of models the workload gives none for (default 0)")
     rs.add_argument("--service-s", type=float, help="service time of requests the workload gives none for (default 0)")
     rs.add_argument("--tick-s", type=float, default=5.0, help="period of Tick events (time-based decisions)")
+    rs.add_argument("--max-inflight", type=int, help="requests one model serves at once (default 64)")
+    rs.add_argument("--tenant-shares", help="the router's weights over tenants, YAML or JSON: '{\"acme\": 2}'")
     rs.add_argument("--slo-s", type=float, help="report the share of requests whose first token comes within this")
     rs.add_argument("--json", action="store_true")
     rs.add_argument("--plot", help="write a PNG: memory per device, cold starts over time, queue-wait CDF")
@@ -418,6 +440,9 @@ def parser() -> argparse.ArgumentParser:
     from modelium.auth_cli import add_commands
 
     add_commands(sub)  # keys create|list|revoke, usage
+    from modelium.operator_cli import add_commands as add_operator_commands
+
+    add_operator_commands(sub)  # load|unload|pin|unpin MODEL (a running server's admin routes)
     return p
 
 

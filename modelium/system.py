@@ -185,7 +185,8 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                 cpu_threads=settings.worker_threads or 0)}
             for backend in backends.values():
                 await root.start(backend.run)
-            router = sup.start(root, Router(elog, registry, max_queue=settings.max_queue))
+            router = sup.start(root, Router(elog, registry, max_queue=settings.max_queue,
+                                            tenant_shares=settings.tenant_shares))
             runners = sup.start(root, Runners(elog, registry, devices={d.name: d for d in devs},
                                               allocators=allocators, router=router, backends=backends,
                                               runner_nursery=root, grace_s=settings.drain_s,

@@ -7,6 +7,8 @@ on every event. The computed decisions of each trigger are compared, field for f
 logged decisions carrying that trigger. Decisions computed for the last events of an epoch,
 after the last trigger the live brain is known to have answered, are reported as *unconfirmed*:
 the server stopped (or was killed) before the brain took them or before they were durable.
+An administrator's decisions (``policy == OPERATOR``) are not the policy's: they are counted as
+*given*, folded where they are logged, and neither recomputed nor compared.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from modelium.core.messages import DECISIONS, BrainStarted, Decision, Event, RequestsRolledUp
+from modelium.core.messages import DECISIONS, OPERATOR, BrainStarted, Decision, Event, RequestsRolledUp
 from modelium.core.policies import Policy
 from storage.decider import Decider, policy_for
 
@@ -41,6 +43,7 @@ class ReplayReport:
     unconfirmed: int = 0
     horizon_seq: int = 0  # request events up to here were rolled up: decisions up to here are not compared
     not_compared: int = 0
+    given: int = 0  # an administrator's decisions: taken as logged, not the policy's
     mismatches: list[Mismatch] = field(default_factory=list)
 
     @property
@@ -66,6 +69,7 @@ class ReplayReport:
             f"reproduced exactly:    {self.reproduced} ({100 * self.rate:.1f}%)",
             f"mismatched triggers:   {len(self.mismatches)}",
             f"unconfirmed decisions: {self.unconfirmed} (computed after the last answered trigger of an epoch)",
+            f"operator decisions:    {self.given} (given, not compared)",
         ]
         if self.horizon_seq:
             lines.append(f"not compared:          {self.not_compared} logged decisions up to seq {self.horizon_seq}, "
@@ -108,7 +112,10 @@ def replay_decisions(
             report.epochs += 1
             report.policies.append(event.policy)
         if isinstance(event, DECISIONS):
-            logged[event.trigger].append(event)
+            if event.policy == OPERATOR:
+                report.given += 1
+            else:
+                logged[event.trigger].append(event)
         out = decider.feed(seq, event)
         if out:
             computed[seq].extend(out)

@@ -3,8 +3,9 @@
 
 * a request is a **cold start** when its model was not loaded and ready when it arrived;
 * **thrash** counts loads of a model within ``thrash_s`` (60 s) of its own eviction;
-* the **queue wait** is from arrival to dispatch; the **time to first token** is the queue wait
-  (the simulator models no prefill: service time is one span);
+* the **queue wait** is from arrival to dispatch (also per tenant, under ``per_tenant``); the
+  **time to first token** is the queue wait (the simulator models no prefill: service time is one
+  span);
 * **SLO attainment** is the share of requests whose time to first token is at most ``slo_s``;
 * **memory-time** integrates the bytes resident on every device (loading, ready or draining) over
   the run, in GB·h (1 GB = 10^9 bytes); **idle memory-time** only counts loaded models with no
@@ -71,7 +72,22 @@ def summarize(result: Any, *, slo_s: float | None = None, thrash_s: float = 60.0
         "unanswered": sum(1 for r in reqs if r.status != "ok"),
         "events": result.events,
         "wall_s": round(result.wall_s, 4),
+        "per_tenant": per_tenant(reqs),
     }
+
+
+def per_tenant(reqs: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per tenant ("" for none): its requests and its queue wait's p50 and p99 (s)."""
+    waits: dict[str, list[float]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
+    for r in reqs:
+        tenant = getattr(r, "tenant", "")
+        counts[tenant] += 1
+        if not math.isnan(r.dispatched):
+            waits[tenant].append(r.dispatched - r.arrived)
+    return {t: {"requests": counts[t],
+                "queue_wait_s": {k: _round(percentile(waits[t], p)) for k, p in (("p50", 50), ("p99", 99))}}
+            for t in sorted(counts)}
 
 
 def _round(x: float | None) -> float | None:

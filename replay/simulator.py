@@ -99,6 +99,7 @@ class RequestRecord:
     first_token: float = math.nan  # dispatched + the workload's time to first token (0 when unknown)
     finished: float = math.nan
     status: str = ""
+    tenant: str = ""
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Config:
     max_inflight: int = 64
     max_queue: int = 10**9  # a simulation judges policies: no request is turned away for a full queue
     request_timeout_s: float = math.inf
+    tenant_shares: dict[str, float] = field(default_factory=dict)  # the router's weights over tenants (default 1)
 
 
 class Simulation:
@@ -139,7 +141,7 @@ class Simulation:
         self.progress = progress
         self.now = workload.start
         self.log = MemoryLog(clock=lambda: self.now)
-        self.queues = Queues(config.max_queue)
+        self.queues = Queues(config.max_queue, config.tenant_shares)
         self.execution = Execution()
         self.ledgers = {d: Ledger(d, b) for d, b in config.devices.items()}
         self.sizes = self._sizes()
@@ -153,6 +155,7 @@ class Simulation:
         self.busy: dict[str, int] = {}  # model -> requests queued or in flight
         self.loads: list[tuple[float, str]] = []
         self.load_counts: dict[str, int] = {}  # model -> loads completed
+        self.load_starts: dict[str, int] = {}  # model -> loads started
         self.evictions: list[tuple[float, str]] = []
         self.memory: dict[str, list[tuple[float, int, int]]] = {d: [(self.now, 0, 0)] for d in config.devices}
         self.resident = dict.fromkeys(config.devices, 0)  # device -> bytes of its runners
@@ -258,6 +261,10 @@ class Simulation:
         self.publish(LoadStarted(ts=self.now, model=d.model, device=d.device, backend="simulated"))
         info = self.w.models.get(d.model)
         load_s = info.load_s if info is not None and info.load_s is not None else (self.c.load_s or 0.0)
+        n = self.load_starts.get(d.model, 0)
+        self.load_starts[d.model] = n + 1
+        if info is not None and info.load_times and n < len(info.load_times):
+            load_s = info.load_times[n]
         self.schedule(self.now + load_s, _LOADED, (d.model, load_s))
         self._memory(d.device, resident=d.bytes)
 
@@ -326,13 +333,14 @@ class Simulation:
         entry = self.state.models.get(a.model)
         rid = f"sim-{next(self._rid)}"
         cold = entry is None or entry.state != "ready"
-        self.records[rid] = RequestRecord(a.model, self.now, cold)
+        self.records[rid] = RequestRecord(a.model, self.now, cold, tenant=a.tenant)
         seq = self.publish(RequestArrived(ts=self.now, model=a.model, request_id=rid, kind="completion",
-                                          max_tokens=a.completion_tokens, tenant=a.tenant))
+                                          max_tokens=a.completion_tokens, tenant=a.tenant, priority=a.priority))
         service = a.service_s if a.service_s is not None else (self.c.service_s or 0.0)
         first = min(a.ttft_s or 0.0, service)
         p = self.queues.admit(a.model, rid, seq, self.now, self.c.request_timeout_s,
-                              (service, a.prompt_tokens, a.completion_tokens, first))
+                              (service, a.prompt_tokens, a.completion_tokens, first),
+                              tenant=a.tenant, priority=a.priority)
         self._busy(a.model, +1)
         self.settle()
         if p.queued:

@@ -120,6 +120,10 @@ class ModelInfo:
     # measure varies from load to load); the simulator's n-th load holds the n-th (the last one
     # for later loads). None: ``bytes`` for every load
     loaded_bytes: list[int] | None = None
+    # how long each of its loads took, in order (a log's LoadCompleted: a load from a warm spare
+    # worker is far quicker than one that starts a process); the simulator's n-th load takes the
+    # n-th (``load_s`` for loads beyond). None: ``load_s`` for every load
+    load_times: list[float] | None = None
 
 
 @dataclass
@@ -623,8 +627,9 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
     from the whole log. A request that did not finish "ok" (or has no ``RequestFinished``) has an
     unknown ``service_s``; a model's size is what the device's ledger held once it was loaded and
     measured (the last ``Reserved`` with ``measured``), and until its first load the estimate of
-    its last spec (``estimate_bytes``), as the live server placed it; ``load_s`` is the median of
-    its ``LoadCompleted.load_s``.
+    its last spec (``estimate_bytes``), as the live server placed it, and what each load held
+    (``loaded_bytes``); ``load_s`` is the median of its ``LoadCompleted.load_s``, and
+    ``load_times`` each of them in order.
     """
     path = Path(path)
     lo, hi = _cut("since", since), _cut("until", until)
@@ -704,7 +709,8 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
             seq = held_after.get(a.model)
             models[a.model] = ModelInfo(a.model, bytes=held or est, load_s=statistics.median(ls) if ls else None,
                                         estimate_bytes=est if held and est and held != est else None,
-                                        loaded_bytes=seq if held and seq and len(set(seq)) > 1 else None)
+                                        loaded_bytes=seq if held and seq and len(set(seq)) > 1 else None,
+                                        load_times=list(ls) if ls and len(set(ls)) > 1 else None)
 
     notes = [f"{len(arrivals)} requests from the event log {path} ({cut}; arrivals seq {first_seq}..{last_seq}); "
              f"ts 0 is {_utc(origin)}"]

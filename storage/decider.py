@@ -5,7 +5,9 @@ The brain's view of the world is a function of the log alone:
 * up to and including a ``BrainStarted`` event, it is the plain registry fold of the log;
 * after it, every event is folded in seq order, the policy decides on it, and the decisions are
   folded into the view at once (right after their trigger). When the brain's own decision events
-  later come back through the log, they are skipped: they are already in the view.
+  later come back through the log, they are skipped: they are already in the view;
+* an administrator's decisions (``policy == OPERATOR``, published by the API) are not the brain's:
+  they are folded into the view where they are logged, and decide nothing themselves.
 
 So the decisions taken for a trigger depend only on the log up to that trigger, never on task
 scheduling, and replaying the log through the same policy reproduces them exactly.
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from modelium.core.messages import DECISIONS, BrainStarted, Decision, Event
+from modelium.core.messages import DECISIONS, OPERATOR, BrainStarted, Decision, Event
 from modelium.core.policies import Policy, make_policy
 from storage.registry import State, apply
 
@@ -72,8 +74,8 @@ class Decider:
         if self.view is None:
             return []
         if t in _DECISION_TYPES:
-            if event.trigger <= self.horizon:
-                apply(self.view, seq, event)  # taken as logged (see horizon)
+            if event.trigger <= self.horizon or event.policy == OPERATOR:
+                apply(self.view, seq, event)  # taken as logged (see horizon), or not the brain's
             return []
         apply(self.view, seq, event)
         if seq <= self.horizon:

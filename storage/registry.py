@@ -29,6 +29,7 @@ from modelium.core.messages import (
     ModelInvalid,
     ModelRemoved,
     ModelSpec,
+    Pinned,
     Reject,
     Released,
     REQUEST_STATUSES,
@@ -38,6 +39,7 @@ from modelium.core.messages import (
     Reserved,
     ServerStarted,
     Unloaded,
+    Unpinned,
     WorkerCrashed,
 )
 
@@ -101,6 +103,7 @@ class ModelEntry:
     recent: list[float] = field(default_factory=list)
     gaps: list[int] = field(default_factory=list)
     keep_alive_s: float | None = None
+    pinned: bool = False  # an administrator pinned it (Pinned/Unpinned): kept loaded, across restarts
     stats: RequestStats = field(default_factory=RequestStats)
 
     @property
@@ -362,6 +365,10 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.crashes += 1
             m.failed_at = event.ts
             _unloaded(state, m, f"worker crashed: {event.reason}")
+    elif t is Pinned or t is Unpinned:
+        m = _model(state, event.model)
+        if m is not None:
+            m.pinned = t is Pinned
     elif t is BrainStarted:
         state.policy = event.policy
     elif t is ActorCrashed:

@@ -26,8 +26,9 @@ def test_a_workload_simulated_from_the_servers_own_log_decides_what_the_server_d
         make_server, tiny_llama, tiny_gpt2, tmp_path):
     from modelium.demo import write_tiny_model
 
-    # three tiny models, memory for two (each is estimated at ~385 MiB)
-    server = make_server(args=["--cpu-memory", "800MiB"], extra_env={"MODELIUM_SPARE_WORKERS": "2"}).start()
+    # three tiny models, memory for two: each is estimated at ~385 MiB and measures ~460 MiB once
+    # loaded (the worker's resident set plus its KV budget), so 1,000 MiB holds two, never three
+    server = make_server(args=["--cpu-memory", "1000MiB"], extra_env={"MODELIUM_SPARE_WORKERS": "2"}).start()
     third = write_tiny_model(tmp_path / "third", "llama", seed=9)
     for name, src in (("a", tiny_llama), ("b", tiny_gpt2), ("c", third)):
         copy_model(src, server.models, name)

@@ -139,6 +139,17 @@ def test_each_load_holds_what_the_log_measured_for_that_load():
     assert [e.bytes for e in evs if type(e).__name__ == "Reserved" and e.measured] == [2 * GB, 3 * GB, int(2.5 * GB)]
 
 
+def test_each_load_takes_the_time_the_log_measured_for_that_load():
+    # a log's loads of a took 5 s, then 0.5 s (a warm spare worker), then 2 s
+    info = ModelInfo("a", bytes=GB, load_s=2.0, load_times=[5.0, 0.5, 2.0])
+    arrivals = [Arrival(ts=t, model=m) for t, m in ((0, "a"), (100, "b"), (200, "a"), (300, "b"), (400, "a"),
+                                                   (500, "b"), (600, "a"))]
+    w = Workload(name="t", arrivals=arrivals, models={"a": info, "b": ModelInfo("b", bytes=GB)})
+    r = simulate(w, Config(devices={"gpu:0": GB}, params={"keep_alive_s": float("inf")}))
+    assert [e.load_s for _, e in r.log.events() if type(e).__name__ == "LoadCompleted" and e.model == "a"] == [
+        5.0, 0.5, 2.0, 2.0]  # then load_s
+
+
 def test_time_to_first_token_is_the_queue_wait_plus_the_workloads_first_token_time(tmp_path):
     csv = tmp_path / "w.csv"
     csv.write_text("ts,model,service_s,ttft_s,load_s\n0,a,1.0,0.25,4\n10,a,1.0,0.25,4\n10,a,1.0,2.5,4\n")

@@ -332,7 +332,7 @@ def test_from_log_matches_finishes_sizes_and_load_times(served_log):
     ]
     assert w.models == {
         # what it held once measured, and the estimate its first placement used; median of 2.0, 4.0, 3.5
-        "a": ModelInfo("a", bytes=80 * MiB, load_s=3.5, estimate_bytes=100 * MiB),
+        "a": ModelInfo("a", bytes=80 * MiB, load_s=3.5, estimate_bytes=100 * MiB, load_times=[2.0, 4.0, 3.5]),
         "b": ModelInfo("b", bytes=30 * MiB, load_s=None),  # the estimate: weights alone
         "c": ModelInfo("c"),
     }

@@ -37,10 +37,12 @@ from modelium.api.auth import caller_tenant, tenant_for
 from modelium.api.auth import install as install_auth
 from modelium.api.errors import error_body, error_response, validation_error
 from modelium.api.limits import BodyLimit
+from modelium.api.principal import principal
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, PredictBody
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.core.memory import estimate, needed_bytes
 from modelium.core.messages import Done, Encode, Encoded, Failed, Submit, Token
+from modelium.core.routing import priority_for
 
 _json = msgspec.json.Encoder()
 
@@ -71,13 +73,16 @@ class Calls:
     cancellation when the handler leaves before they ended (the client went away)."""
 
     def __init__(self, system: Any, model: str, kind: str, reqs: list[Any], *, prefix: str, per: int = 1,
-                 tenant: str = "", user: str = "", chars: list[int] | None = None):
+                 tenant: str = "", user: str = "", chars: list[int] | None = None, priority: int | None = None):
         self.system = system
         self.model = model
         self.kind = kind
         self.reqs = reqs
         self.per = per  # choices per request: request i's choices are numbered from i * per
         self.tenant = tenant or caller_tenant()  # the caller's tenant unless told
+        # the queue class asked for (only an administrator may raise it), else the tenant's default
+        self.priority = priority_for(priority, self.tenant, priority is None or principal().admin,
+                                     system.settings.tenant_priorities)
         self.user = user
         self.chars = chars or [0] * len(reqs)
         self.id = base = f"{prefix}-{uuid.uuid4().hex}"  # the answer's id; the log's request ids derive from it
@@ -94,7 +99,7 @@ class Calls:
                     await self.system.router.ask(Submit(
                         model=self.model, request_id=rid, kind=self.kind, request=req, timeout_s=timeout,
                         sink=Tagged(self._send.clone(), i * self.per), tenant=self.tenant, user=self.user,
-                        prompt_chars=self.chars[i]))
+                        prompt_chars=self.chars[i], priority=self.priority))
                 except Refused as e:
                     raise e.error from None
                 except ActorDied:
@@ -129,10 +134,10 @@ class Calls:
 
 
 async def encode_once(system: Any, model: str, kind: str, req: Any, *, prefix: str, tenant: str = "",
-                      user: str = "") -> Encoded:
+                      user: str = "", priority: int | None = None) -> Encoded:
     """Run one embedding or classification request to its answer (a ModeliumError when it fails)."""
     calls = Calls(system, model, kind, [req], prefix=prefix, tenant=tenant, user=user,
-                  chars=[sum(len(t) for t in req.texts)])
+                  chars=[sum(len(t) for t in req.texts)], priority=priority)
     try:
         await calls.submit()
         item = await calls.next()
@@ -359,7 +364,8 @@ def create_app(system: Any) -> QuartTrio:
         created = int(time.time())
         n = req.n or 1
         calls = Calls(system, req.model, "completion", [req.to_request(p) for p in prompts], prefix="cmpl",
-                      per=n, user=req.user or "", chars=[len(p) if isinstance(p, str) else 0 for p in prompts])
+                      per=n, user=req.user or "", chars=[len(p) if isinstance(p, str) else 0 for p in prompts],
+                      priority=req.priority)
         cid = calls.id
 
         def head() -> dict[str, Any]:
@@ -394,7 +400,7 @@ def create_app(system: Any) -> QuartTrio:
         created = int(time.time())
         n = req.n or 1
         calls = Calls(system, req.model, "chat", [gen], prefix="chatcmpl", per=n, user=req.user or "",
-                      chars=[sum(len(m.content) for m in gen.messages)])
+                      chars=[sum(len(m.content) for m in gen.messages)], priority=req.priority)
         cid = calls.id
 
         def head() -> dict[str, Any]:
@@ -432,13 +438,15 @@ def create_app(system: Any) -> QuartTrio:
 
     # ------------------------------------------------------------------ encoders
 
-    async def encode(model: str, kind: str, req: Encode, prefix: str, tenant: str = "", user: str = "") -> Encoded:
-        return await encode_once(system, model, kind, req, prefix=prefix, tenant=tenant, user=user)
+    async def encode(model: str, kind: str, req: Encode, prefix: str, tenant: str = "", user: str = "",
+                     priority: int | None = None) -> Encoded:
+        return await encode_once(system, model, kind, req, prefix=prefix, tenant=tenant, user=user, priority=priority)
 
     @app.post("/v1/embeddings")
     async def embeddings():
         req: EmbeddingRequest = await body_of(EmbeddingRequest)
-        out = await encode(req.model, "embedding", req.to_request(), "embd", user=req.user or "")
+        out = await encode(req.model, "embedding", req.to_request(), "embd", user=req.user or "",
+                           priority=req.priority)
         if req.dimensions is not None and req.dimensions != out.dim:
             raise ModeliumError(ErrorKind.bad_request, f"dimensions must be {out.dim} for this model "
                                                        "(it does not shorten its embeddings)", param="dimensions")
@@ -448,7 +456,8 @@ def create_app(system: Any) -> QuartTrio:
 
     async def classify_route():
         req: ClassifyRequest = await body_of(ClassifyRequest)
-        out = await encode(req.model, "classify", req.to_request(), "classify", user=req.user or "")
+        out = await encode(req.model, "classify", req.to_request(), "classify", user=req.user or "",
+                           priority=req.priority)
         return jsonify({"id": "classify-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
                         "model": req.model, "data": classifications(out),
                         "usage": usage(out.prompt_tokens, 0)})
@@ -472,7 +481,7 @@ def create_app(system: Any) -> QuartTrio:
             many = not isinstance(body.input, str)
             if task == "embedding":
                 out = await encode(name, "embedding", EmbeddingRequest(model=name, input=body.input).to_request(),
-                                   "predict", tenant)
+                                   "predict", tenant, priority=body.priority)
                 vecs = [d["embedding"] for d in embedding_objects(out, "float")]
                 output: Any = vecs if many else vecs[0]
             else:
@@ -480,7 +489,7 @@ def create_app(system: Any) -> QuartTrio:
                         isinstance(x, str) for x in body.input)):
                     raise ModeliumError(ErrorKind.bad_request, "classification takes text input", param="input")
                 out = await encode(name, "classify", ClassifyRequest(model=name, input=body.input).to_request(),
-                                   "predict", tenant)
+                                   "predict", tenant, priority=body.priority)
                 res = [{"label": c["label"], "probs": c["probs"]} for c in classifications(out)]
                 output = res if many else res[0]
             u = usage(out.prompt_tokens)
@@ -504,7 +513,7 @@ def create_app(system: Any) -> QuartTrio:
             else:
                 creq.check()
                 gen, kind = creq.to_request(creq.prompts()[0]), "completion"
-            calls = Calls(system, name, kind, [gen], prefix="predict", per=gen.n, tenant=tenant,
+            calls = Calls(system, name, kind, [gen], prefix="predict", per=gen.n, tenant=tenant, priority=body.priority,
                           chars=[len(gen.prompt) + sum(len(m.content) for m in gen.messages)])
             acc = Generated(gen.n)
             try:
@@ -539,6 +548,9 @@ def create_app(system: Any) -> QuartTrio:
     from modelium.api.metrics import add_metrics_route
 
     add_metrics_route(app, system)
+    from modelium.api.operator import add_operator_routes
+
+    add_operator_routes(app, system)  # /admin/models/{name}/load|unload|pin|unpin
     return app
 
 
@@ -589,6 +601,7 @@ def model_summary(m: Any) -> dict[str, Any]:
         "last_used": m.last_used or None,
         "failures": m.failures,
         "crashes": m.crashes,
+        "pinned": m.pinned,  # an administrator's pin (modelium.api.operator)
         "requests": dict(vars(m.stats)),
     }
 

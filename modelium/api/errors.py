@@ -18,6 +18,7 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.unauthorized: 401,
     ErrorKind.forbidden: 403,
     ErrorKind.not_found: 404,
+    ErrorKind.conflict: 409,
     ErrorKind.too_large: 413,
     ErrorKind.queue_full: 429,
     ErrorKind.rate_limited: 429,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.core.messages import ChatMessage, Encode, Generation
+from modelium.core.routing import PRIORITY_LIMIT
 
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_N = 128
@@ -52,6 +53,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, max_length=256)
+    priority: int | None = Field(None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)  # Modelium: queue class
 
     @field_validator("stop")
     @classmethod
@@ -269,6 +271,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, strict=True)
     user: str | None = Field(None, max_length=256)
+    priority: int | None = Field(None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)  # Modelium: queue class
 
     def to_request(self) -> Encode:
         texts, ids = _inputs(self.input)
@@ -280,6 +283,7 @@ class ClassifyRequest(BaseModel):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[str]
     user: str | None = Field(None, max_length=256)
+    priority: int | None = Field(None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)  # Modelium: queue class
 
     def to_request(self) -> Encode:
         texts, _ = _inputs(self.input)
@@ -296,6 +300,7 @@ class PredictBody(BaseModel):
     messages: list[Message] | None = None
     input: Inputs | None = None
     organizationId: str | None = Field(None, max_length=256)
+    priority: int | None = Field(None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)  # Modelium: queue class
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)

@@ -89,6 +89,10 @@ class Settings(BaseModel):
     insecure: bool = False
     tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict)
     default_limits: TenantLimits = Field(default_factory=TenantLimits)
+    # the router's queues: weights of fair queueing over tenants (default 1 each), and a tenant's
+    # default priority class (default 0; higher classes are dispatched first)
+    tenant_shares: dict[str, float] = Field(default_factory=dict)
+    tenant_priorities: dict[str, int] = Field(default_factory=dict)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -106,7 +110,8 @@ class Settings(BaseModel):
             raise ValueError(f"policy: {e}") from None
         return self
 
-    @field_validator("tenant_limits", "default_limits", "policy_settings", mode="before")
+    @field_validator("tenant_limits", "default_limits", "policy_settings", "tenant_shares", "tenant_priorities",
+                     mode="before")
     @classmethod
     def _yaml_text(cls, v: Any) -> Any:
         if not isinstance(v, str):
@@ -115,6 +120,13 @@ class Settings(BaseModel):
             return yaml.safe_load(v)
         except yaml.YAMLError as e:
             raise ValueError(f"not valid YAML or JSON: {e}") from None
+
+    @field_validator("tenant_shares")
+    @classmethod
+    def _shares(cls, v: dict[str, float]) -> dict[str, float]:
+        from modelium.core.routing import check_shares
+
+        return check_shares(v)
 
     @field_validator("cpu_memory", "runtime_overhead", "max_body", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ class ErrorKind(StrEnum):
     rate_limited = "rate_limited"  # a tenant's limit
     unauthorized = "unauthorized"
     forbidden = "forbidden"
+    conflict = "conflict"  # the model's state does not allow the action now (an operator's load/unload)
     unavailable = "unavailable"  # the model cannot be served now (failed load, crash loop, invalid)
     insufficient_memory = "insufficient_memory"  # the model fits on no device
     shutting_down = "shutting_down"

@@ -234,6 +234,33 @@ class Reject(Decision, frozen=True, kw_only=True):
 
 
 DECISIONS = (Load, Evict, Reject)
+OPERATOR = "operator"  # the ``policy`` of a decision an administrator took (its trigger: an OperatorAction)
+
+
+class OperatorAction(Event, frozen=True, kw_only=True):
+    """An administrator asked for ``action`` ("load" | "unload") on ``model``; the decision it
+    gives (``Load``/``Evict`` with ``policy=OPERATOR``) follows it in the log, ``trigger`` = its seq."""
+
+    action: str
+    model: str
+    device: str = ""
+    key_id: str = ""  # the admin's API key id ("" without authentication)
+    tenant: str = ""
+    reason: str = ""
+
+
+class Pinned(Event, frozen=True, kw_only=True):
+    """``model`` stays loaded: never a victim, never unloaded for idleness, loaded when it fits."""
+
+    model: str
+    key_id: str = ""
+    tenant: str = ""
+
+
+class Unpinned(Event, frozen=True, kw_only=True):
+    model: str
+    key_id: str = ""
+    tenant: str = ""
 
 # runners -------------------------------------------------------------------------------------
 
@@ -290,6 +317,7 @@ class RequestArrived(Event, frozen=True, kw_only=True):
     tenant: str = ""  # the organization the request is for ("" when none was given)
     user: str = ""  # OpenAI's ``user``: the client's own name for its end user
     keep_alive_s: float | None = None  # the request's own keep-alive for its model (Ollama's keep_alive)
+    priority: int = 0  # its class in the model's queue: higher classes are dispatched first
 
 
 # "interrupted": the server died while the request was admitted; closed at the next start
@@ -412,6 +440,7 @@ AnyEvent = Union[
     RequestArrived, RequestFinished, RequestsRolledUp,
     JobAccepted, JobStarted, JobFinished, JobCancelled,
     KeyCreated, KeyRevoked,
+    OperatorAction, Pinned, Unpinned,
 ]
 
 EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in AnyEvent.__args__}  # type: ignore[attr-defined]
@@ -512,6 +541,7 @@ class Submit(_Msg, frozen=True, kw_only=True):
     tenant: str = ""
     user: str = ""
     prompt_chars: int = 0
+    priority: int = 0  # its class in the model's queue (higher first)
 
 
 class Cancel(_Msg, frozen=True, kw_only=True):

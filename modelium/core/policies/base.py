@@ -45,6 +45,7 @@ class ModelView(Protocol):
     recent: Sequence[float]  # the latest arrival times (storage.registry.RECENT of them), oldest first
     gaps: Sequence[int]  # histogram of inter-arrival gaps (storage.registry.gap_bin); empty: none yet
     keep_alive_s: float | None  # the keep-alive its last request asked for (None: none)
+    pinned: bool  # an administrator pinned it: never a victim, loaded when it fits
 
     @property
     def waiting(self) -> list[int]: ...

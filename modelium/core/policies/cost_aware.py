@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelium.core.policies.base import ClusterView, Decision, Load, ModelView, needs
+from modelium.core.policies.base import ClusterView, Decision, ModelView, needs
 from modelium.core.policies.lru import LRUPolicy
 from modelium.core.traffic import bin_lower_s, bin_upper_s, decayed_count, gap_percentile
 from modelium.hardware import format_bytes
@@ -131,7 +131,7 @@ class CostAwarePolicy(LRUPolicy):
                     f"{edge:g} s, within [{self.min_keep_alive_s:g}, {self.max_keep_alive_s:g}] s")
 
     def protected(self, m: ModelView) -> bool:
-        return m.name in self.always_loaded
+        return m.pinned or m.name in self.always_loaded
 
     def on_tick(self, view: ClusterView, now: float, used: dict[str, int], leaving: set[str],
                 devices: list, idle: dict[str, list[ModelView]], out: list[Decision]) -> None:
@@ -157,12 +157,4 @@ class CostAwarePolicy(LRUPolicy):
                 if due <= now < m.recent[-1] + gap:
                     wanted.append((f"pre-load: {self.preload_percentile:.0%} of its {n} gaps are at least {gap:g} s "
                                    f"and the last request came {now - m.recent[-1]:.0f} s ago", m))
-        for why, m in wanted:
-            need = needs(m)
-            for d in devices:
-                free = d.budget_bytes - used[d.name]
-                if need <= free:
-                    out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
-                        f"{why}; needs {format_bytes(need)}, {format_bytes(free)} free on {d.name}")))
-                    used[d.name] += need
-                    break
+        self.load_into_free(view, wanted, used, devices, out)

@@ -13,6 +13,11 @@ On every trigger it reconciles the whole view, in this order:
    models the requests simply keep waiting: a later trigger (a request finishing) places them.
 
 Devices are tried GPUs first, then by name; models by the arrival of their oldest waiting request.
+
+Pinned models (``Pinned`` events, an administrator's) are ``protected``: never victims, never
+unloaded for idleness; on a ``Tick`` one that is not loaded is loaded where it fits in free memory
+(nothing is evicted for it); a waiting model that fits on no device beside the pinned ones is
+rejected with that reason.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from modelium.core.policies.base import ClusterView, Decision, Evict, Load, Mode
 
 _NOT_RESIDENT = ("discovered", "unloaded", "failed", "invalid")
 _PLACED = ("loading", "ready")  # holds memory that a new placement cannot use
+_LOADABLE = ("discovered", "unloaded")  # may be loaded without a request (pinned, pre-loaded)
 
 
 class LRUPolicy:
@@ -61,8 +67,8 @@ class LRUPolicy:
         return self.keep_alive_s, f"keep-alive {self.keep_alive_s:g} s"
 
     def protected(self, m: ModelView) -> bool:
-        """A model that is never chosen as a victim (a pinned model)."""
-        return False
+        """A model that is never chosen as a victim, nor unloaded for idleness (a pinned model)."""
+        return m.pinned
 
     def max_models(self, device: Any) -> int | None:
         """At most this many models placed on ``device`` at once (None: as many as fit)."""
@@ -71,6 +77,33 @@ class LRUPolicy:
     def on_tick(self, view: ClusterView, now: float, used: dict[str, int], leaving: set[str],
                 devices: list, idle: dict[str, list[ModelView]], out: list[Decision]) -> None:
         """Extra decisions a policy takes on a Tick, after placing waiting requests."""
+
+    def load_into_free(self, view: ClusterView, wanted: list[tuple[str, ModelView]], used: dict[str, int],
+                       devices: list, out: list[Decision]) -> None:
+        """Load each ``(why, model)`` of ``wanted`` that is not loaded, on the first device where it
+        fits in free memory (nothing is evicted for it); a model already loading in ``out`` is skipped."""
+        loading = {d.model for d in out if isinstance(d, Load)}
+        limits = {d.name: self.max_models(d) for d in devices}
+        placed: dict[str, int] = {}
+        if any(v is not None for v in limits.values()):
+            for x in view.models.values():
+                if x.device is not None and x.state in _PLACED:
+                    placed[x.device] = placed.get(x.device, 0) + 1
+        for why, m in wanted:
+            if m.name in loading or m.state not in _LOADABLE or m.spec is None or m.removed:
+                continue
+            need = needs(m)
+            for d in devices:
+                free = d.budget_bytes - used[d.name]
+                if limits[d.name] is not None and placed.get(d.name, 0) >= limits[d.name]:
+                    continue
+                if need <= free:
+                    out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
+                        f"{why}; needs {format_bytes(need)}, {format_bytes(free)} free on {d.name}")))
+                    used[d.name] += need
+                    placed[d.name] = placed.get(d.name, 0) + 1
+                    loading.add(m.name)
+                    break
 
     def decide(self, view: ClusterView, trigger: Event) -> list[Decision]:
         now = trigger.ts
@@ -115,10 +148,13 @@ class LRUPolicy:
         # ``view.used_bytes``), and each device's idle ready models (to be put in victim order)
         used = dict.fromkeys(view.devices, 0)
         idle: dict[str, list[ModelView]] = {}
+        held = dict.fromkeys(view.devices, 0)  # memory held by pinned models, per device
         for x in models.values():
             if x.device is not None and x.state in _PLACED:
                 if x.device in used and x.name not in leaving:
                     used[x.device] += x.bytes
+                    if x.pinned:
+                        held[x.device] += x.bytes
                 if x.state == "ready" and (busy_victims or not x.pending) and not self.protected(x):
                     idle.setdefault(x.device, []).append(x)
         devices = sorted(view.devices.values(), key=lambda d: (d.kind != "gpu", d.name))
@@ -155,6 +191,16 @@ class LRUPolicy:
                             f"it is retried {self.retry_failed_s:g} s after a failure"),
                 ))
                 continue
+            if any(held.values()) and devices and needs(m) <= biggest:
+                d = max(devices, key=lambda d: d.budget_bytes - held[d.name])
+                if needs(m) > d.budget_bytes - held[d.name]:
+                    pins = sorted(x.name for x in models.values()
+                                  if x.pinned and x.device == d.name and x.state in _PLACED)
+                    out.append(Reject(model=m.name, through=view.seq, kind=ErrorKind.insufficient_memory.value, reason=(
+                        f"model {m.name} needs {format_bytes(needs(m))} but at most "
+                        f"{format_bytes(d.budget_bytes - held[d.name])} of {d.name} is not held by pinned models "
+                        f"({', '.join(pins)}); unpin one to make room")))
+                    continue
             if spare < needs(m) <= biggest:
                 continue  # memory is held by busy or loading models: the requests keep waiting
             decided = len(out)
@@ -162,6 +208,9 @@ class LRUPolicy:
             if len(out) != decided:
                 spare = reach()
         if tick:
+            pinned = [("pinned", models[name]) for name in sorted(models) if models[name].pinned]
+            if pinned:
+                self.load_into_free(view, pinned, used, devices, out)
             self.on_tick(view, now, used, leaving, devices, idle, out)
         return out
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelium.core.policies.base import ClusterView, Decision, Evict, Load, ModelView, needs
+from modelium.core.policies.base import ClusterView, Decision, Evict, ModelView
 from modelium.core.policies.lru import LRUPolicy
 from modelium.hardware import format_bytes
-
-_LOADABLE = ("discovered", "unloaded")
 
 
 class SeedRulesPolicy(LRUPolicy):
@@ -45,7 +43,7 @@ class SeedRulesPolicy(LRUPolicy):
         return f"least used idle model on {device} ({m.arrivals} request(s), idle {now - m.last_used:.0f} s)"
 
     def protected(self, m: ModelView) -> bool:
-        return m.name in self.always_loaded
+        return m.pinned or m.name in self.always_loaded
 
     def on_tick(self, view: ClusterView, now: float, used: dict[str, int], leaving: set[str],
                 devices: list, idle: dict[str, list[ModelView]], out: list[Decision]) -> None:
@@ -61,15 +59,5 @@ class SeedRulesPolicy(LRUPolicy):
                     f"{self.high_water:.0%} of its {format_bytes(d.budget_bytes)} budget")))
                 leaving.add(x.name)
                 used[d.name] -= x.bytes
-        for name in self.always_loaded:
-            m = view.models.get(name)
-            if m is None or m.state not in _LOADABLE or m.spec is None or m.removed:
-                continue
-            need = needs(m)
-            for d in devices:
-                free = d.budget_bytes - used[d.name]
-                if need <= free:
-                    out.append(Load(model=name, device=d.name, bytes=need, reason=(
-                        f"always loaded; needs {format_bytes(need)}, {format_bytes(free)} free on {d.name}")))
-                    used[d.name] += need
-                    break
+        wanted = [("always loaded", m) for name in self.always_loaded if (m := view.models.get(name)) is not None]
+        self.load_into_free(view, wanted, used, devices, out)
