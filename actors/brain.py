@@ -3,12 +3,14 @@
 It publishes ``BrainStarted`` (its view starts as the registry fold up to that event), then reads
 the log in seq order and, for each event, asks its policy for decisions through the shared
 :class:`storage.decider.Decider`, and publishes them. Replaying the log through the same policy
-therefore reproduces every decision it logged.
+therefore reproduces every decision it logged. A policy that consults an LLM (``llm``) is asked
+here, within its timeout; the answer is recorded on the decisions, and replay takes it from there.
 """
 
 from __future__ import annotations
 
 from actors.base import Service
+from actors.llm import ask_llm
 from modelium.core.messages import BrainStarted
 from modelium.core.policies import Policy
 from storage.decider import Decider
@@ -38,7 +40,11 @@ class Brain(Service):
         try:
             async for seq, event in sub:
                 try:
-                    decisions = decider.feed(seq, event)
+                    decisions = []
+                    if decider.fold(seq, event):
+                        prompt = decider.prompt(event)
+                        asked = await ask_llm(self.policy, prompt) if prompt is not None else None
+                        decisions = decider.decide(seq, event, asked)
                 except Exception as exc:  # noqa: BLE001 - raised again, naming the event
                     raise FoldError("the brain", seq, type(event).__name__, exc) from exc
                 for decision in decisions:

@@ -8,12 +8,13 @@ logged decisions carrying that trigger. Decisions computed for the last events o
 after the last trigger the live brain is known to have answered, are reported as *unconfirmed*:
 the server stopped (or was killed) before the brain took them or before they were durable.
 An administrator's decisions (``policy == OPERATOR``) are not the policy's: they are counted as
-*given*, folded where they are logged, and neither recomputed nor compared.
+*given*, folded where they are logged, and neither recomputed nor compared. An LLM consulted by
+the live brain (policy ``llm``) is not called again: its answer is taken from the decisions.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ import msgspec
 
 from modelium.core.messages import DECISIONS, OPERATOR, BrainStarted, Decision, Event, RequestsRolledUp
 from modelium.core.policies import Policy
+from modelium.core.policies.llm import Consultation
 from storage.decider import Decider, policy_for
 
 
@@ -88,6 +90,40 @@ def retention_horizon(events: Iterable[tuple[int, Event]]) -> int:
     return max((seq for seq, e in events if isinstance(e, RequestsRolledUp)), default=0)
 
 
+class _Lookahead:
+    """The events, with a look ahead for the LLM answer the log recorded for a trigger: the
+    live brain put it on that trigger's decisions, logged after it (and before any decision on a
+    later trigger, or a new ``BrainStarted``)."""
+
+    def __init__(self, events: Iterable[tuple[int, Event]]):
+        self._it = iter(events)
+        self._ahead: deque[tuple[int, Event]] = deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, Event]:
+        return self._ahead.popleft() if self._ahead else next(self._it)
+
+    def recorded(self, trigger: int) -> Consultation | None:
+        i = 0
+        while True:
+            if i == len(self._ahead):
+                try:
+                    self._ahead.append(next(self._it))
+                except StopIteration:
+                    return None
+            _, e = self._ahead[i]
+            i += 1
+            if isinstance(e, BrainStarted):
+                return None
+            if not isinstance(e, DECISIONS) or e.policy == OPERATOR or e.trigger < trigger:
+                continue
+            if e.trigger > trigger or not e.llm_prompt_hash:
+                return None
+            return Consultation(prompt_hash=e.llm_prompt_hash, answer=e.llm_answer, error=e.llm_error)
+
+
 def replay_decisions(
     events: Iterable[tuple[int, Event]],
     *,
@@ -99,7 +135,8 @@ def replay_decisions(
     if horizon_seq is None:
         horizon_seq = retention_horizon(events) if isinstance(events, Sequence) else 0
     report = ReplayReport(horizon_seq=horizon_seq)
-    decider = Decider(policy_for=policy_for, horizon=horizon_seq)
+    events = _Lookahead(events)
+    decider = Decider(policy_for=policy_for, horizon=horizon_seq, recorded=events.recorded)
     computed: dict[int, list[Decision]] = defaultdict(list)
     logged: dict[int, list[Decision]] = defaultdict(list)
     trigger_type: dict[int, str] = {}

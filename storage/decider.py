@@ -15,12 +15,14 @@ scheduling, and replaying the log through the same policy reproduces them exactl
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import msgspec
 
 from modelium.core.messages import DECISIONS, OPERATOR, BrainStarted, Decision, Event
 from modelium.core.policies import Policy, make_policy
+from modelium.core.policies.llm import Consultation, prompt_hash
 from storage.registry import State, apply
 
 
@@ -40,6 +42,7 @@ class Decider:
         policy_for: Callable[[BrainStarted], Policy] = policy_for,
         horizon: int = 0,
         once: bool = False,
+        recorded: Callable[[int], Consultation | None] | None = None,
     ):
         self.plain = plain if plain is not None else State()  # the registry fold, in log order
         self.view: State | None = None  # the brain's view, once a BrainStarted was seen
@@ -51,6 +54,10 @@ class Decider:
         # a brain that starts once (a simulation): after its BrainStarted the plain fold is not
         # kept, since only a later BrainStarted would need it (that one is then an error)
         self.once = once
+        # times of this epoch's LLM consultations in the last minute (a policy's budget)
+        self.consulted: deque[float] = deque()
+        # replay: the consultation the log recorded for a trigger seq (None: none recorded)
+        self.recorded = recorded
 
     @classmethod
     def resume(cls, state: State, policy: Policy) -> Decider:
@@ -60,8 +67,14 @@ class Decider:
         d.policy = policy
         return d
 
-    def feed(self, seq: int, event: Event) -> list[Decision]:
+    def feed(self, seq: int, event: Event, consultation: Consultation | None = None) -> list[Decision]:
         """Fold one logged event; return the decisions the brain takes on it (stamped)."""
+        if not self.fold(seq, event):
+            return []
+        return self.decide(seq, event, consultation)
+
+    def fold(self, seq: int, event: Event) -> bool:
+        """Fold one logged event; True when the brain then decides on it (:meth:`decide`)."""
         t = type(event)
         if not self.once or self.view is None:
             apply(self.plain, seq, event)
@@ -70,20 +83,48 @@ class Decider:
         if t is BrainStarted:
             self.view = self.plain.copy()
             self.policy = self._policy_for(event)
-            return []
+            self.consulted.clear()
+            return False
         if self.view is None:
-            return []
+            return False
         if t in _DECISION_TYPES:
             if event.trigger <= self.horizon or event.policy == OPERATOR:
                 apply(self.view, seq, event)  # taken as logged (see horizon), or not the brain's
-            return []
+            return False
         apply(self.view, seq, event)
-        if seq <= self.horizon:
-            return []
-        decided = self.policy.decide(self.view, event)
+        return seq > self.horizon
+
+    def prompt(self, event: Event) -> str | None:
+        """After :meth:`fold` returned True: what the policy would ask an LLM about ``event``
+        (None: nothing; only a policy with ``consult`` asks, within its per-minute budget)."""
+        consult = getattr(self.policy, "consult", None)
+        if consult is None:
+            return None
+        while self.consulted and self.consulted[0] <= event.ts - 60.0:
+            self.consulted.popleft()
+        return consult(self.view, event, recent=len(self.consulted))
+
+    def decide(self, seq: int, event: Event, consultation: Consultation | None = None) -> list[Decision]:
+        """After :meth:`fold` returned True: the decisions on ``event`` (stamped). Where the policy
+        asks an LLM, ``consultation`` is what came back (live), else it is taken from ``recorded``
+        (replay: the log)."""
+        prompt = self.prompt(event)
+        if prompt is None:
+            decided = self.policy.decide(self.view, event)
+            extra = {}
+        else:
+            self.consulted.append(event.ts)
+            if consultation is None:
+                consultation = self.recorded(seq) if self.recorded is not None else None
+            if consultation is None:
+                consultation = Consultation(prompt_hash=prompt_hash(prompt), error="no answer recorded")
+            decided = self.policy.decide(self.view, event, consultation.answer, consultation.error)
+            extra = {"llm_prompt_hash": consultation.prompt_hash, "llm_answer": consultation.answer,
+                     "llm_error": consultation.error}
         if not decided:
             return decided
-        decisions = [msgspec.structs.replace(d, ts=event.ts, policy=self.policy.name, trigger=seq) for d in decided]
+        decisions = [msgspec.structs.replace(d, ts=event.ts, policy=self.policy.name, trigger=seq, **extra)
+                     for d in decided]
         for d in decisions:
             apply(self.view, seq, d)
         return decisions

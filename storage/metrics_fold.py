@@ -121,7 +121,8 @@ class MetricsFold:
         self.seq = seq
         t = type(event)
         if t is RequestArrived:
-            self.tenant_of[event.request_id] = event.tenant
+            # a shadow copy of an alias's request is not its tenant's: it counts as "(shadow)"
+            self.tenant_of[event.request_id] = "(shadow)" if event.shadow_of else event.tenant
             _inc(self.arrivals, event.model)
         elif t is RequestFinished:
             self._finished(event)

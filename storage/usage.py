@@ -28,8 +28,8 @@ def fold_usage(events: Iterable[Event], *, since: float = 0.0, tenant: str | Non
     rows: dict[tuple[str, str], dict] = {}
     for e in events:
         if isinstance(e, RequestArrived):
-            if e.ts < since or (tenant is not None and e.tenant != tenant):
-                continue
+            if e.ts < since or (tenant is not None and e.tenant != tenant) or e.shadow_of:
+                continue  # (a shadow copy of an alias's request is not the tenant's usage)
             tenant_of[e.request_id] = e.tenant
             row = rows.setdefault((e.tenant, e.model), {
                 "tenant": e.tenant, "model": e.model, "requests": 0, "ok": 0, "failed": 0,
@@ -86,7 +86,8 @@ def tokens_today(path: str | Path, wall: float, *, until: int | None = None) -> 
     start = first_seq_at(path, midnight - 3600.0)
     for _, e in read_events(path, since=start, until=until, types=USAGE_TYPES):
         if isinstance(e, RequestArrived):
-            open_[e.request_id] = e.tenant
+            if not e.shadow_of:  # shadow copies are not the tenant's usage
+                open_[e.request_id] = e.tenant
         elif isinstance(e, RequestFinished):
             t = open_.pop(e.request_id, None)
             if t is not None and e.ts >= midnight:

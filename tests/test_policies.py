@@ -287,7 +287,7 @@ def test_modelium_policies_lists_every_policy_with_its_settings():
     out = subprocess.run([sys.executable, "-m", "modelium", "policies", "--json"], capture_output=True, text=True,
                          check=True).stdout
     listed = json.loads(out)
-    assert set(listed) == {"lru", "ollama", "seed-rules", "cost-aware", "belady", "belady-size"}
+    assert set(listed) == {"lru", "ollama", "seed-rules", "cost-aware", "belady", "belady-size", "llm"}
     assert listed["cost-aware"]["settings"]["memory_s"] == "inf" and not listed["cost-aware"]["offline"]
     assert listed["belady"]["offline"] and listed["ollama"]["settings"]["max_loaded_per_gpu"] == 3
     assert "Ollama's scheduler" in listed["ollama"]["about"]

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import trio
 from pydantic import BaseModel, ValidationError
-from quart import Response, request
+from quart import Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -39,6 +39,7 @@ from modelium.api.errors import error_body, error_response, validation_error
 from modelium.api.limits import BodyLimit
 from modelium.api.principal import principal
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, PredictBody
+from modelium.core.aliases import check_aliases, resolve
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.core.memory import estimate, needed_bytes
 from modelium.core.messages import Done, Encode, Encoded, Failed, Submit, Token
@@ -68,6 +69,18 @@ class Tagged:
         self._send.close()
 
 
+class Discard:
+    """The sink of a shadow copy: its frames are dropped."""
+
+    __slots__ = ()
+
+    def send_nowait(self, frame: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class Calls:
     """The requests of one API call, from the API's side: their frames on one channel, and their
     cancellation when the handler leaves before they ended (the client went away)."""
@@ -86,6 +99,12 @@ class Calls:
         self.user = user
         self.chars = chars or [0] * len(reqs)
         self.id = base = f"{prefix}-{uuid.uuid4().hex}"  # the answer's id; the log's request ids derive from it
+        # an alias routes the whole call to one of its versions, chosen from the call's id
+        # (modelium.core.aliases); ``model`` is then the version, the one the answer names
+        table = check_aliases(getattr(system.settings, "aliases", None) or {})
+        self.alias = model if model in table else ""
+        self.model, _ = resolve(table, model, base)
+        self.shadow = table[model].shadow if self.alias else None
         self.ids = [base] if len(reqs) == 1 else [f"{base}-{i}" for i in range(len(reqs))]
         self.open: set[str] = set()  # admitted, not ended
         self._send, self._recv = trio.open_memory_channel[tuple[int, Any]](float("inf"))
@@ -99,7 +118,7 @@ class Calls:
                     await self.system.router.ask(Submit(
                         model=self.model, request_id=rid, kind=self.kind, request=req, timeout_s=timeout,
                         sink=Tagged(self._send.clone(), i * self.per), tenant=self.tenant, user=self.user,
-                        prompt_chars=self.chars[i], priority=self.priority))
+                        prompt_chars=self.chars[i], priority=self.priority, alias=self.alias))
                 except Refused as e:
                     raise e.error from None
                 except ActorDied:
@@ -111,6 +130,25 @@ class Calls:
             raise
         finally:
             self._send.close()  # the requests hold their clones
+        if self.shadow:
+            try:  # in the background: the primary answer never waits for its shadow
+                current_app.add_background_task(self._shadow_copies)
+            except RuntimeError:  # outside the app (no background nursery): no shadow copies
+                pass
+
+    async def _shadow_copies(self) -> None:
+        """Send a copy of each request to the alias's shadow model. Its frames are discarded;
+        its RequestArrived (``shadow_of``) and RequestFinished record its latency and output
+        length. A shadow that is refused (queue full, not loaded, failing) changes nothing."""
+        timeout = self.system.settings.request_timeout_s
+        for i, (rid, req) in enumerate(zip(self.ids, self.reqs)):
+            try:
+                await self.system.router.ask(Submit(
+                    model=self.shadow, request_id=f"{rid}-shadow", kind=self.kind, request=req,
+                    timeout_s=timeout, sink=Discard(), tenant=self.tenant, user=self.user,
+                    prompt_chars=self.chars[i], priority=self.priority, alias=self.alias, shadow_of=rid))
+            except (Refused, ActorDied, ModeliumError):
+                pass
 
     async def next(self) -> tuple[int, Any] | None:
         """The next (offset, frame); None once every request has ended."""
@@ -272,12 +310,21 @@ def create_app(system: Any) -> QuartTrio:
     @app.get("/v1/models")
     async def list_models():
         data = [openai_model(m) for m in sorted(registry.models.values(), key=lambda m: m.name)
-                if m.state != "invalid" and m.spec is not None and not m.removed]
+                if m.state != "invalid" and m.spec is not None and not m.removed
+                and m.name not in settings.aliases]  # an alias hides a model of its name
+        data += [alias_model(name, a) for name, a in sorted(check_aliases(settings.aliases).items())]
         return jsonify({"object": "list", "data": data})
+
+    def alias_model(name: str, a: Any) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": int(started), "owned_by": "modelium-alias",
+                "root": name, "parent": None, "max_model_len": None,
+                "modelium": {"alias": True, "versions": dict(a.versions), "shadow": a.shadow}}
 
     @app.get("/v1/models/<path:name>")
     async def get_model(name: str):
         m = registry.models.get(name)
+        if name in settings.aliases:
+            return jsonify(alias_model(name, check_aliases(settings.aliases)[name]))
         if m is None or m.removed:
             raise ModeliumError(ErrorKind.not_found, f"The model '{name}' does not exist", param="model")
         return jsonify(openai_model(m))
@@ -369,7 +416,7 @@ def create_app(system: Any) -> QuartTrio:
         cid = calls.id
 
         def head() -> dict[str, Any]:
-            return {"id": cid, "object": "text_completion", "created": created, "model": req.model}
+            return {"id": cid, "object": "text_completion", "created": created, "model": calls.model}
 
         def chunk(frame, offset, include_usage):
             if frame is None or not isinstance(frame, Token):
@@ -404,7 +451,7 @@ def create_app(system: Any) -> QuartTrio:
         cid = calls.id
 
         def head() -> dict[str, Any]:
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": calls.model,
                     "system_fingerprint": None}
 
         def chunk(frame, offset, include_usage):
@@ -427,7 +474,7 @@ def create_app(system: Any) -> QuartTrio:
             u = usage(acc.prompt_tokens, acc.completion_tokens)
             if usage_chunk:
                 return head() | {"choices": [], "usage": u}
-            return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+            return {"id": cid, "object": "chat.completion", "created": created, "model": calls.model,
                     "system_fingerprint": None,
                     "choices": [{"index": i, "message": {"role": "assistant", "content": acc.choice_text(i)},
                                  "logprobs": None, "finish_reason": finish_reason(acc.finish[i])}

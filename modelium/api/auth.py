@@ -138,7 +138,8 @@ class Auth:
 
     def _count(self, e: Any) -> None:
         if isinstance(e, RequestArrived):
-            self._open_requests[e.request_id] = e.tenant
+            if not e.shadow_of:  # shadow copies are not the tenant's usage
+                self._open_requests[e.request_id] = e.tenant
         elif isinstance(e, RequestFinished):
             tenant = self._open_requests.pop(e.request_id, None)
             if tenant is not None:

@@ -10,7 +10,8 @@ Client -> server, one JSON object per message:
 Server -> client:
 
 * ``{"id", "type": "token", "index", "text"}`` as text is generated (``index``: the choice);
-* ``{"id", "type": "done", "finish_reason", "finish_reasons", "usage"}`` when a generation ends;
+* ``{"id", "type": "done", "model", "finish_reason", "finish_reasons", "usage"}`` when a generation
+  ends (``model``: the model that answered — for an alias, the version chosen);
 * ``{"id", "type": "result", "data", "usage"}`` for embeddings and classification (``data`` as in
   the HTTP answers);
 * ``{"id", "type": "error", "error": {"message", "type", "param", "code"}}`` for a request that
@@ -110,7 +111,8 @@ def add_websocket_routes(app: Any, system: Any) -> None:
                         completion_tokens += frame.completion_tokens
             finally:
                 calls.close()
-            emit({"id": rid, "type": "done", "finish_reason": finish[0], "finish_reasons": finish,
+            emit({"id": rid, "type": "done", "model": calls.model, "finish_reason": finish[0],
+                  "finish_reasons": finish,
                   "usage": usage(prompt_tokens, completion_tokens)})
 
         async with trio.open_nursery() as nursery:

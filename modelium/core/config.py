@@ -93,6 +93,9 @@ class Settings(BaseModel):
     # default priority class (default 0; higher classes are dispatched first)
     tenant_shares: dict[str, float] = Field(default_factory=dict)
     tenant_priorities: dict[str, int] = Field(default_factory=dict)
+    # names that route to weighted versions (A/B, canaries) and a shadow model (modelium.core.aliases):
+    # {ALIAS: {"versions": {MODEL: weight, ...}, "shadow": MODEL or null}}
+    aliases: dict[str, Any] = Field(default_factory=dict)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -111,7 +114,7 @@ class Settings(BaseModel):
         return self
 
     @field_validator("tenant_limits", "default_limits", "policy_settings", "tenant_shares", "tenant_priorities",
-                     mode="before")
+                     "aliases", mode="before")
     @classmethod
     def _yaml_text(cls, v: Any) -> Any:
         if not isinstance(v, str):
@@ -120,6 +123,13 @@ class Settings(BaseModel):
             return yaml.safe_load(v)
         except yaml.YAMLError as e:
             raise ValueError(f"not valid YAML or JSON: {e}") from None
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from modelium.core.aliases import check_aliases
+
+        return {name: a.to_dict() for name, a in check_aliases(v).items()}
 
     @field_validator("tenant_shares")
     @classmethod

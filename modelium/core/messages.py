@@ -211,6 +211,11 @@ class Decision(Event, frozen=True, kw_only=True):
     reason: str
     policy: str = ""
     trigger: int = 0  # seq of the event this decision answers
+    # set when the brain consulted an LLM on this trigger (policy ``llm``): the prompt's hash, the
+    # model's raw answer and why none came back; replay takes the answer from here
+    llm_prompt_hash: str = ""
+    llm_answer: str = ""
+    llm_error: str = ""
 
 
 class Load(Decision, frozen=True, kw_only=True):
@@ -318,6 +323,8 @@ class RequestArrived(Event, frozen=True, kw_only=True):
     user: str = ""  # OpenAI's ``user``: the client's own name for its end user
     keep_alive_s: float | None = None  # the request's own keep-alive for its model (Ollama's keep_alive)
     priority: int = 0  # its class in the model's queue: higher classes are dispatched first
+    alias: str = ""  # the alias the request named ("" when it named the model itself)
+    shadow_of: str = ""  # a shadow copy: the primary request's id (not the tenant's usage)
 
 
 # "interrupted": the server died while the request was admitted; closed at the next start
@@ -542,6 +549,8 @@ class Submit(_Msg, frozen=True, kw_only=True):
     user: str = ""
     prompt_chars: int = 0
     priority: int = 0  # its class in the model's queue (higher first)
+    alias: str = ""  # the alias the request named (logged on RequestArrived)
+    shadow_of: str = ""  # a shadow copy of this request id
 
 
 class Cancel(_Msg, frozen=True, kw_only=True):

@@ -8,12 +8,13 @@ from typing import Any
 from modelium.core.policies.base import ClusterView, Policy
 from modelium.core.policies.belady import BeladyPolicy, BeladySizePolicy
 from modelium.core.policies.cost_aware import CostAwarePolicy
+from modelium.core.policies.llm import LLMPolicy
 from modelium.core.policies.lru import LRUPolicy
 from modelium.core.policies.ollama import OllamaPolicy
 from modelium.core.policies.seed_rules import SeedRulesPolicy
 
 POLICIES: dict[str, type] = {p.name: p for p in (LRUPolicy, OllamaPolicy, SeedRulesPolicy, CostAwarePolicy,
-                                                 BeladyPolicy, BeladySizePolicy)}
+                                                 BeladyPolicy, BeladySizePolicy, LLMPolicy)}
 OFFLINE = {BeladyPolicy.name, BeladySizePolicy.name}  # they need the future: simulations only
 
 
@@ -45,5 +46,5 @@ def make_policy(name: str, settings: dict[str, Any] | None = None) -> Policy:
         raise UnknownPolicy(f"bad settings for policy {name!r}: {e}") from None
 
 
-__all__ = ["OFFLINE", "POLICIES", "BeladyPolicy", "BeladySizePolicy", "ClusterView", "CostAwarePolicy", "LRUPolicy",
+__all__ = ["OFFLINE", "POLICIES", "BeladyPolicy", "BeladySizePolicy", "ClusterView", "CostAwarePolicy", "LLMPolicy", "LRUPolicy",
            "OllamaPolicy", "Policy", "SeedRulesPolicy", "UnknownPolicy", "configured_policy", "make_policy"]
