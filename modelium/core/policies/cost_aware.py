@@ -31,11 +31,10 @@ from __future__ import annotations
 from typing import Any
 
 from modelium.core.policies.base import ClusterView, Decision, ModelView, needs
-from modelium.core.policies.lru import LRUPolicy
+from modelium.core.policies.lru import LOADABLE, LRUPolicy
 from modelium.core.traffic import bin_lower_s, bin_upper_s, decayed_count, gap_percentile
 from modelium.hardware import format_bytes
 
-_LOADABLE = ("discovered", "unloaded")
 
 
 class CostAwarePolicy(LRUPolicy):
@@ -135,15 +134,12 @@ class CostAwarePolicy(LRUPolicy):
 
     def on_tick(self, view: ClusterView, now: float, used: dict[str, int], leaving: set[str],
                 devices: list, idle: dict[str, list[ModelView]], out: list[Decision]) -> None:
-        wanted: list[tuple[str, ModelView]] = []
-        for name in self.always_loaded:
-            m = view.models.get(name)
-            if m is not None and m.state in _LOADABLE and m.spec is not None and not m.removed:
-                wanted.append(("pinned (always loaded)", m))
+        # load_into_free skips what is loaded, loading, removed or without a spec
+        wanted = [("pinned (always loaded)", m) for name in self.always_loaded if (m := view.models.get(name)) is not None]
         if self.preload:
             for name in sorted(view.models):
                 m = view.models[name]
-                if m.state not in _LOADABLE or m.spec is None or m.removed or m.pending or not m.recent:
+                if m.state not in LOADABLE or m.pending or not m.recent:
                     continue
                 n = sum(m.gaps)
                 if n < self.min_gaps:

@@ -32,7 +32,7 @@ from modelium.core.policies.base import ClusterView, Decision, Evict, Load, Mode
 
 _NOT_RESIDENT = ("discovered", "unloaded", "failed", "invalid")
 _PLACED = ("loading", "ready")  # holds memory that a new placement cannot use
-_LOADABLE = ("discovered", "unloaded")  # may be loaded without a request (pinned, pre-loaded)
+LOADABLE = ("discovered", "unloaded")  # may be loaded without a request (pinned, pre-loaded)
 
 
 class LRUPolicy:
@@ -90,7 +90,7 @@ class LRUPolicy:
                 if x.device is not None and x.state in _PLACED:
                     placed[x.device] = placed.get(x.device, 0) + 1
         for why, m in wanted:
-            if m.name in loading or m.state not in _LOADABLE or m.spec is None or m.removed:
+            if m.name in loading or m.state not in LOADABLE or m.spec is None or m.removed:
                 continue
             need = needs(m)
             for d in devices:
