@@ -2,7 +2,10 @@
 
 It registers its device in the log, answers ``Reserve`` with ``Granted`` or ``Refused`` (the
 ledger refuses what does not fit), logs every reservation and release, and samples the device's
-free memory now and then (``DeviceSampled`` when it moved by more than 5 %).
+memory now and then: ``DeviceSampled`` when free memory, or memory held by processes that are
+not Modelium's, moved by more than ``threshold`` (5 %) of the device since the last one logged.
+Memory others hold comes out of what the ledger may grant (and, in the fold, out of the budget
+the policies place against).
 """
 
 from __future__ import annotations
@@ -13,19 +16,42 @@ import trio
 
 from actors.base import Actor, Reply
 from modelium.core.memory import Ledger
-from modelium.hardware import DeviceInfo, sample_free
-from modelium.core.messages import DeviceRegistered, DeviceSampled, Granted, Refused, Release, Released, Reserve, Reserved
+from modelium.hardware import DeviceError, DeviceInfo, sample
+from modelium.core.messages import (
+    DeviceHealth,
+    DeviceRegistered,
+    DeviceSampled,
+    Granted,
+    Refused,
+    Release,
+    Released,
+    Reserve,
+    Reserved,
+)
 from storage.eventlog import EventLog
 from storage.registry import State
 
 
+def moved(last: DeviceSampled | None, free: int, foreign: int, total: int, threshold: float) -> bool:
+    """Whether a sample is worth a log entry: the first, or free or foreign memory moved by more
+    than ``threshold`` of the device's total since the last one logged."""
+    if last is None:
+        return True
+    step = threshold * max(total, 1)
+    return abs(free - last.free_bytes) > step or abs(foreign - last.foreign_bytes) > step
+
+
 class Allocator(Actor):
-    def __init__(self, log: EventLog, device: DeviceInfo, registry: State, *, sample_s: float = 30.0):
+    def __init__(self, log: EventLog, device: DeviceInfo, registry: State, *, sample_s: float = 30.0,
+                 threshold: float = 0.05, error_limit: int = 3):
         super().__init__(f"allocator:{device.name}")
         self.log = log
         self.device = device
         self.registry = registry
         self.sample_s = sample_s
+        self.threshold = threshold
+        self.error_limit = error_limit  # failed samples in a row that make the device unavailable
+        self.unavailable: str | None = None  # why it is unavailable (None: it is not)
         self.ledger = Ledger(device.name, device.budget_bytes)
         self._registered = False
 
@@ -37,17 +63,40 @@ class Allocator(Actor):
             self._registered = True
         # after a crash the ledger is rebuilt from what the log says is reserved
         entry = self.registry.devices.get(self.device.name)
-        self.ledger = Ledger(self.device.name, self.device.budget_bytes, dict(entry.reserved) if entry else {})
+        self.ledger = Ledger(self.device.name, self.device.budget_bytes - (entry.foreign_bytes if entry else 0),
+                             dict(entry.reserved) if entry else {})
 
     async def background(self) -> None:
-        last = None
+        last: DeviceSampled | None = None
+        errors = 0
         while True:
-            free = await trio.to_thread.run_sync(sample_free, self.device)
-            if free is not None and (last is None or abs(free - last) > 0.05 * max(last, 1)):
-                total = self.device.total_bytes
-                self.log.publish(DeviceSampled(device=self.device.name, free_bytes=free,
-                                               used_bytes=max(0, total - free)))
-                last = free
+            try:
+                s = await trio.to_thread.run_sync(sample, self.device)
+            except DeviceError as e:
+                errors += 1
+                if errors == self.error_limit and self.unavailable is None:
+                    # the device is gone (or its driver): no more grants; the brain moves its models
+                    self.unavailable = f"{e} ({errors} samples in a row)"
+                    self.log.publish(DeviceHealth(device=self.device.name, available=False, reason=self.unavailable))
+                s = None
+            else:
+                errors = 0
+                if self.unavailable is not None:
+                    self.unavailable = None
+                    self.log.publish(DeviceHealth(device=self.device.name, available=True,
+                                                  reason="NVML reads it again"))
+            if s is not None:
+                foreign = s.foreign
+                if foreign is None and self.device.kind == "gpu":
+                    # NVML cannot say which process holds what: what is used beyond our ledger
+                    foreign = max(0, s.used - self.ledger.used)
+                foreign = foreign or 0
+                if moved(last, s.free, foreign, self.device.total_bytes, self.threshold):
+                    last = DeviceSampled(device=self.device.name, free_bytes=s.free, used_bytes=s.used,
+                                         foreign_bytes=foreign)
+                    self.log.publish(last)
+                    # memory others hold comes out of what this device may grant
+                    self.ledger.budget = max(0, self.device.budget_bytes - foreign)
             await trio.sleep(self.sample_s)
 
     async def handle(self, msg: Any, reply: Reply | None) -> Any:
@@ -56,6 +105,8 @@ class Allocator(Actor):
                 return Refused(device=self.device.name, reason=f"{msg.model} holds nothing on {self.device.name}")
             self.log.publish(Reserved(device=self.device.name, model=msg.model, bytes=msg.bytes, measured=True))
             return Granted(device=self.device.name, bytes=msg.bytes)
+        if isinstance(msg, Reserve) and self.unavailable is not None:
+            return Refused(device=self.device.name, reason=f"{self.device.name} is unavailable: {self.unavailable}")
         if isinstance(msg, Reserve):
             again = self.ledger.held.get(msg.model) == msg.bytes
             why = self.ledger.reserve(msg.model, msg.bytes)

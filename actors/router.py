@@ -178,7 +178,7 @@ class Router(Actor):
         seq = self.log.publish(RequestArrived(
             model=msg.model, request_id=msg.request_id, kind=msg.kind, prompt_chars=msg.prompt_chars,
             max_tokens=max_tokens, tenant=msg.tenant, user=msg.user, priority=msg.priority,
-            alias=msg.alias, shadow_of=msg.shadow_of))
+            alias=msg.alias, shadow_of=msg.shadow_of, keep_alive_s=msg.keep_alive_s))
         first = self.q.next_deadline()
         p = self.q.admit(msg.model, msg.request_id, seq, trio.current_time(), msg.timeout_s, msg,
                          tenant=msg.tenant, priority=msg.priority)

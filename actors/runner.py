@@ -34,7 +34,7 @@ from modelium.backends.base import Outcome
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.core.execution import Execution, device_of
 from modelium.core.memory import loaded_bytes
-from modelium.hardware import DeviceInfo
+from modelium.hardware import DeviceInfo, format_bytes, process_rss
 from modelium.core.messages import (
     Cancel,
     Done,
@@ -97,9 +97,11 @@ def result_of(request_id: str, outcome: Outcome, cancel_kind: str, started: floa
 class Runner(Actor):
     def __init__(self, *, log: EventLog, model: str, spec: ModelSpec, device: DeviceInfo, nbytes: int,
                  backend: Any, allocator: Actor, router: Actor, grace_s: float, max_inflight: int,
-                 measured_memory: bool = True):
+                 measured_memory: bool = True, memory_watch_s: float = 0.0, memory_margin: float = 0.25):
         super().__init__(f"runner:{model}")
         self.measured_memory = measured_memory
+        self.memory_watch_s = memory_watch_s
+        self.memory_margin = memory_margin
         self.log = log
         self.model = model
         self.spec = spec
@@ -148,6 +150,7 @@ class Runner(Actor):
         t0 = trio.current_time()
         failure: str | None = None
         detail = ""
+        oom_at_load: tuple[int, int] | None = None  # (asked, free) when the device ran out of memory
         async with trio.open_nursery() as n:
             n.start_soon(_cancel_on, self._stop, n.cancel_scope)
             try:
@@ -158,10 +161,16 @@ class Runner(Actor):
                 public = getattr(exc, "public", None)
                 failure = public().message if callable(public) else f"the model failed to load ({type(exc).__name__})"
                 detail = getattr(exc, "reason", None) or repr(exc)
+                if getattr(exc, "error_kind", "") == "oom":
+                    oom_at_load = (exc.asked_bytes, exc.free_bytes)
                 log.error("model %s failed to load: %s", m, detail)
             n.cancel_scope.cancel()
         if self.stop_reason is not None:
             return Unloaded(model=m, device=dev, reason=f"{self.stop_reason} (while loading)")
+        if failure is not None and oom_at_load is not None:
+            asked, free = oom_at_load
+            return LoadFailed(model=m, device=dev, reason=failure, detail=detail[-4000:], kind="oom",
+                              asked_bytes=asked, free_bytes=free)
         if failure is not None:
             return LoadFailed(model=m, device=dev, reason=failure, detail=detail[-4000:])
         w = self.worker
@@ -174,12 +183,18 @@ class Runner(Actor):
                 self.nbytes = held
         from_spare = getattr(w, "from_spare", False)
         hello_at = getattr(w, "hello_at", None) or t0
+        loaded = getattr(w, "loaded", None)  # the worker's phases (a transformers worker's ModelLoaded)
         self.log.publish(LoadCompleted(model=m, device=dev, load_s=round(trio.current_time() - t0, 4),
                                        pid=w.pid, worker_s=0.0 if from_spare else round(max(0.0, hello_at - t0), 4),
+                                       build_s=round(getattr(loaded, "build_s", 0.0), 4),
+                                       weights_s=round(getattr(loaded, "weights_s", 0.0), 4),
+                                       warmup_s=round(getattr(loaded, "warmup_s", 0.0), 4),
+                                       loader=getattr(loaded, "loader", ""),
                                        memory_bytes=w.memory_bytes))
         await self.router.tell(RunnerReady(model=m, runner=self, max_inflight=self.max_inflight))
 
         exit_code: list[int | None] = []
+        oom: list[tuple[int, int]] = []  # (grant, measured) when the worker outgrew its grant
         async with trio.open_nursery() as n:
             self.nursery = n
 
@@ -193,6 +208,8 @@ class Runner(Actor):
 
             n.start_soon(watch_worker)
             n.start_soon(self._mailbox)
+            if self.memory_watch_s > 0 and self.device.torch_device == "cpu":
+                n.start_soon(self._watch_memory, w, oom, n.cancel_scope)
             await self._stop.wait()
             self.stopping = True
             if self.jobs:
@@ -207,12 +224,50 @@ class Runner(Actor):
             n.cancel_scope.cancel()
         self.nursery = None
         self._close_mailbox()
+        if oom:
+            grant, measured = oom[0]
+            return WorkerCrashed(model=m, device=dev, exitcode=w.returncode, kind="oom",
+                                 reason=(f"its worker held {format_bytes(measured)}, more than its memory grant of "
+                                         f"{format_bytes(grant)} + {self.memory_margin:.0%} (memory_margin)"),
+                                 grant_bytes=grant, measured_bytes=measured, margin=self.memory_margin,
+                                 detail=getattr(w, "output_tail", "")[-4000:])
         if exit_code:
             code = exit_code[0]
             return WorkerCrashed(model=m, device=dev, exitcode=code,
                                  reason=f"worker process exited with {_describe_exit(code)}",
                                  detail=getattr(w, "output_tail", "")[-4000:])
         return Unloaded(model=m, device=dev, reason=self.stop_reason or "")
+
+    async def _watch_memory(self, w: Any, oom: list[tuple[int, int]], scope: trio.CancelScope) -> None:
+        """Every ``memory_watch_s``, measure the worker (its resident set); once it holds more
+        than its grant (what the device's ledger holds for it) plus ``memory_margin``, stop it:
+        its requests end with an ``oom`` error, and the runner ends with WorkerCrashed(kind="oom")."""
+        pid = getattr(w, "pid", 0)
+        if not pid:
+            return  # a backend without a local worker process: nothing to measure
+        while True:
+            await trio.sleep(self.memory_watch_s)
+            if self.stopping:
+                return
+            measured = process_rss(pid)
+            grant = self.nbytes
+            if measured is None or measured <= grant * (1 + self.memory_margin):
+                continue
+            oom.append((grant, measured))
+            self.stopping = True
+            log.error("model %s: worker %d holds %s, over its grant of %s + %.0f%%: stopped",
+                      self.model, w.pid, format_bytes(measured), format_bytes(grant), 100 * self.memory_margin)
+            await self.router.tell(RunnerGone(model=self.model, runner=self))  # no more requests here
+            why = (f"the model '{self.model}' was stopped: its worker held {format_bytes(measured)}, more than "
+                   f"its memory grant of {format_bytes(grant)} + {self.memory_margin:.0%}")
+            for request_id in list(self.jobs):
+                self._cancel(Cancel(request_id=request_id, kind=ErrorKind.oom, reason=why))
+            await w.stop(grace_s=0.0)
+            if self.jobs:  # they end as the worker exits, each with its oom frame
+                with trio.move_on_after(CANCEL_WAIT_S):
+                    await self._drained.wait()
+            scope.cancel()
+            return
 
     def _tell_router(self, msg: Finished) -> None:
         try:
@@ -304,10 +359,13 @@ class Runners(Service):
 
     def __init__(self, log: EventLog, registry: State, *, devices: dict[str, DeviceInfo],
                  allocators: dict[str, Actor], router: Actor, backends: dict[str, Any], runner_nursery: trio.Nursery,
-                 grace_s: float = 30.0, max_inflight: int = 8, measured_memory: bool = True):
+                 grace_s: float = 30.0, max_inflight: int = 8, measured_memory: bool = True,
+                 memory_watch_s: float = 0.0, memory_margin: float = 0.25):
         super().__init__()
         self.log = log
         self.measured_memory = measured_memory
+        self.memory_watch_s = memory_watch_s
+        self.memory_margin = memory_margin
         self.registry = registry
         self.devices = devices
         self.allocators = allocators
@@ -381,7 +439,8 @@ class Runners(Service):
             return
         runner = Runner(log=self.log, model=d.model, spec=entry.spec, device=device, nbytes=d.bytes,
                         backend=backend, allocator=allocator, router=self.router, grace_s=self.grace_s,
-                        max_inflight=self.max_inflight, measured_memory=self.measured_memory)
+                        max_inflight=self.max_inflight, measured_memory=self.measured_memory,
+                        memory_watch_s=self.memory_watch_s, memory_margin=self.memory_margin)
         self.runners[d.model] = runner
         self._runner_nursery.start_soon(self._run_runner, runner, name=runner.name)
 

@@ -32,7 +32,7 @@ def workloads(quick: bool):
         yield f"azure:{kind}", lambda sizes, load_s, t=t: Workload(
             name=t.name, arrivals=t.arrivals, start=t.start,
             models={m: ModelInfo(m, bytes=sizes[i % len(sizes)], load_s=load_s) for i, m in enumerate(t.models)})
-    for pattern in ("poisson", "bursty", "diurnal"):
+    for pattern in ("poisson", "bursty", "diurnal", "sessions"):
         yield f"synthetic:{pattern}", lambda sizes, load_s, p=pattern: synthetic(
             p, seed=1, requests=2000 if quick else 5000, models=20, zipf=1.1, rate=1.0, sizes=sizes, load_s=[load_s])
 

@@ -355,7 +355,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the server")
-    s.add_argument("--policy", help="the brain's policy (see `modelium policies`; default lru)")
+    s.add_argument("--policy", help="the brain's policy (see `modelium policies`; default cost-aware)")
     s.add_argument("--policy-param", action="append", type=_param, metavar="NAME=VALUE",
                    help="a setting of the policy (repeatable), e.g. --policy-param keep_alive_s=600")
     s.add_argument("--models", action="append", type=Path, default=None,
@@ -367,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu-memory", help="memory Modelium may use on the CPU, e.g. 8GiB (default: half the RAM)")
     s.add_argument("--keep-alive", type=float, help="seconds an idle model stays loaded (default 300)")
     s.add_argument("--fake-gpus", help="pretend to have GPUs, e.g. 2x24GiB (models run on the CPU)")
-    s.add_argument("--spare-workers", type=int, help="warm worker processes kept ready (default 1)")
+    s.add_argument("--spare-workers", type=int, help="warm worker processes kept ready per device (default 1)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--insecure", action="store_true",
                    help="serve on a non-loopback address without API keys (anyone who reaches it is an admin)")

@@ -81,6 +81,7 @@ class System:
     backends: dict[str, Any]
     allocators: dict[str, Allocator] = field(default_factory=dict)
     jobs: Any = None  # the job runner (actors.jobs.JobRunner)
+    external: Any = None  # external OpenAI-compatible servers (modelium.backends.external), if configured
     address: str = ""
     stopping: bool = False
     stop_accepting: trio.Event = field(default_factory=trio.Event)  # set: the API stops listening
@@ -154,7 +155,7 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
         log.warning("killed %d worker process(es) left by an earlier server: %s", len(reaped), reaped)
     devs = devices if devices is not None else detect_devices(
         cpu_budget=settings.cpu_memory, gpu_fraction=settings.gpu_memory_fraction,
-        fake_gpus=settings.fake_gpus, use_gpus=settings.use_gpus)
+        gpu_reserve=settings.gpu_memory_reserve, fake_gpus=settings.fake_gpus, use_gpus=settings.use_gpus)
     policy = configured_policy(settings.policy, settings.policy_settings, keep_alive_s=settings.keep_alive_s,
                                retry_failed_s=settings.retry_failed_s)
     options = AnalysisOptions(
@@ -176,13 +177,18 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                                        models_dirs=[str(p) for p in settings.models_dirs],
                                        address=f"{settings.host}:{settings.port}"))
             sup = Supervisor(elog.publish)
-            allocators = {d.name: Allocator(elog, d, registry) for d in devs}
+            allocators = {d.name: Allocator(elog, d, registry, sample_s=settings.device_sample_s,
+                                            threshold=settings.device_sample_threshold) for d in devs}
             for a in allocators.values():
                 sup.start(root, a)
             backends = {"transformers": backend_class("transformers")(
                 spares=settings.spare_workers, tag=tag, max_batch=settings.max_inflight,
                 encode_batch=settings.batch_max_size, batch_wait_ms=settings.batch_wait_ms,
-                cpu_threads=settings.worker_threads or 0)}
+                cpu_threads=settings.worker_threads or 0, devices=[d.torch_device for d in devs])}
+            backends["vllm"] = backend_class("vllm")(
+                command=settings.vllm_command, extra_args=settings.vllm_args, tag=tag,
+                log_dir=Path(settings.db).parent / f"{Path(settings.db).stem}-logs",
+                ready_timeout_s=settings.vllm_ready_timeout_s, sleep_mode=settings.vllm_sleep_mode)
             for backend in backends.values():
                 await root.start(backend.run)
             router = sup.start(root, Router(elog, registry, max_queue=settings.max_queue,
@@ -191,7 +197,9 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                                               allocators=allocators, router=router, backends=backends,
                                               runner_nursery=root, grace_s=settings.drain_s,
                                               max_inflight=settings.max_inflight,
-                                              measured_memory=settings.measured_memory))
+                                              measured_memory=settings.measured_memory,
+                                              memory_watch_s=settings.memory_watch_s,
+                                              memory_margin=settings.memory_margin))
             brain = sup.start(root, Brain(elog, registry, policy))
             watcher = sup.start(root, Watcher(elog, registry, settings.models_dirs,
                                               interval_s=settings.scan_interval_s, settle_s=settings.settle_s,
@@ -203,11 +211,19 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
             jobs = sup.start(root, JobRunner(elog, router=router, settings=settings, execute=execute_job,
                                              concurrency=settings.job_concurrency,
                                              retention_s=settings.job_retention_s))
+            external = None
+            if settings.external:  # never in the registry: the brain neither loads nor evicts them
+                from actors.external import watch_health
+                from modelium.backends.external import ExternalServers
+
+                external = ExternalServers(settings.external, request_timeout_s=settings.request_timeout_s)
+                await root.start(external.run)
+                root.start_soon(watch_health, external, elog.publish, settings.external_health_s)
             for actor in (router, runners, brain, watcher, jobs):
                 await actor.started.wait()
             system = System(settings=settings, log=elog, registry=registry, devices={d.name: d for d in devs},
                             router=router, runners=runners, brain=brain, watcher=watcher, backends=backends,
-                            allocators=allocators, root=root, jobs=jobs)
+                            allocators=allocators, root=root, jobs=jobs, external=external)
             if serve_api:
                 system.address = await root.start(serve_http, system)
             else:

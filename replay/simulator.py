@@ -197,8 +197,10 @@ class Simulation:
 
     def _spec(self, name: str) -> ModelSpec:
         # the estimate (modelium.core.memory) of this spec is exactly the workload's size: its
-        # weights, no runtime overhead, no KV cache
-        return ModelSpec(name=name, path=f"simulated/{name}", fingerprint=f"sim-{name}", architecture="Simulated",
+        # weights, no runtime overhead, no KV cache. Each model is a family of its own: a workload's
+        # estimates are what the live server placed (already corrected by what its family measured,
+        # modelium.core.memory.correction_ratios), so the simulator learns no correction across models
+        return ModelSpec(name=name, path=f"simulated/{name}", fingerprint=f"sim-{name}", architecture=f"Simulated:{name}",
                          model_type="simulated", task="text-generation", weight_bytes=self.estimates[name],
                          notes=["simulated: the workload's size, as given"])
 

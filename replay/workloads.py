@@ -32,7 +32,10 @@ load_s=None, service_s=None, **params)``
     (``on_s`` seconds of arrivals at ``rate * burst``/s, then ``off_s`` seconds of silence;
     ``burst`` defaults to ``(on_s + off_s) / on_s`` so that the long-run rate is ``rate``) or
     ``diurnal`` (a Poisson process whose rate is ``rate * (1 + amplitude * sin(2 pi t /
-    period_s))``, made by thinning). Models by a Zipf law as for ``azure``; ``sizes`` (bytes)
+    period_s))``, made by thinning), or ``sessions`` (temporal locality per model: sessions start
+    at ``rate / session_requests``/s, each picks one model by the Zipf law and asks it a
+    geometric number of times, ``session_requests`` on average, ``think_s`` apart on average).
+    Models by a Zipf law as for ``azure`` (per session for ``sessions``); ``sizes`` (bytes)
     and ``load_s`` (seconds) are lists cycled over the models; ``service_s`` is a fixed
     per-request time or ``None``. The same arguments give the same workload.
 ``from_log(path, *, since=None, until=None)``
@@ -62,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from modelium.core.messages import (
+    ExternalHealth,
     LoadCompleted,
     ModelChanged,
     ModelDiscovered,
@@ -458,6 +462,7 @@ PATTERNS: dict[str, dict[str, float | None]] = {
     "poisson": {},
     "bursty": {"on_s": 10.0, "off_s": 30.0, "burst": None},  # burst None: (on_s + off_s) / on_s
     "diurnal": {"period_s": 3600.0, "amplitude": 0.5},
+    "sessions": {"session_requests": 8.0, "think_s": 10.0},
 }
 
 
@@ -523,6 +528,30 @@ def synthetic(pattern: str, *, seed: int = 0, requests: int = 1000, models: int 
             times.append(k * (on + off) + (u - k * on))
         how = (f"bursty arrivals: {on:g} s on at {rate * burst:g}/s (rate {rate:g} x burst {burst:g}), "
                f"then {off:g} s silent; long-run rate {rate * burst * on / (on + off):g}/s")
+    elif pattern == "sessions":
+        per, think = _positive("session_requests", p["session_requests"]), _positive("think_s", p["think_s"])
+        if per < 1:
+            raise WorkloadError(f"session_requests must be at least 1, not {per!r}")
+        # sessions start as a Poisson process at rate / per; each asks one model (by the Zipf law)
+        # a geometric number of times (mean per), think_s (exponential, mean) apart
+        session_models = random.Random(f"{seed}/models")
+        weights = [1.0 / (r ** zipf) for r in range(1, models + 1)]
+        timed: list[tuple[float, int]] = []
+        start = 0.0
+        while len(timed) < requests:
+            start += rng.expovariate(rate / per)
+            model = session_models.choices(range(models), weights)[0]
+            t = start
+            while True:
+                timed.append((t, model))
+                if rng.random() < 1.0 / per:
+                    break
+                t += rng.expovariate(1.0 / think)
+        timed.sort()
+        times = [t for t, _ in timed[:requests]]
+        session_picks = [i for _, i in timed[:requests]]
+        how = (f"sessions: start at {rate / per:g}/s, each asks one model about {per:g} times (geometric), "
+               f"{think:g} s apart on average (exponential); long-run rate {rate:g}/s")
     else:  # diurnal
         period = _positive("period_s", p["period_s"])
         amp = p["amplitude"]
@@ -537,7 +566,8 @@ def synthetic(pattern: str, *, seed: int = 0, requests: int = 1000, models: int 
                f"a Poisson process at {peak:g}/s")
 
     names = _model_names(models)
-    picks = _zipf_indices(requests, models, zipf, random.Random(f"{seed}/models"))
+    picks = session_picks if pattern == "sessions" else _zipf_indices(requests, models, zipf,
+                                                                      random.Random(f"{seed}/models"))
     arrivals = [Arrival(ts=t, model=names[i], service_s=service_s) for t, i in zip(times, picks)]
     used = Counter(a.model for a in arrivals)
     infos = {}
@@ -655,10 +685,19 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
     measured: dict[str, int] = {}
     reserved: dict[str, int] = {}  # model -> what the ledger holds for it now
     held_after: dict[str, list[int]] = {}  # model -> the ledger's figure at each of its LoadCompleted
+    # model -> what its first placement reserved: its estimate as the live server placed it
+    # (corrected by what its family had measured, modelium.core.memory.correction_ratios)
+    placed_first: dict[str, int] = {}
     types = (RequestArrived, RequestFinished, ModelDiscovered, ModelChanged, LoadCompleted, RequestsRolledUp, Reserved,
-             Released)
+             Released, ExternalHealth)
+    external: set[str] = set()  # models of external servers: Modelium never places them
+    left_out: Counter = Counter()
     for seq, e in _events(path, types):
-        if isinstance(e, RequestArrived):
+        if isinstance(e, ExternalHealth):
+            external.update(e.models)
+        elif isinstance(e, RequestArrived) and e.model in external and e.model not in sizes:
+            left_out[e.model] += after_since(seq, e.ts) and before_until(seq, e.ts)
+        elif isinstance(e, RequestArrived):
             if after_since(seq, e.ts) and before_until(seq, e.ts):
                 pending[e.request_id] = len(rows)
                 rows.append({"ts": e.ts, "model": e.model, "tenant": e.tenant, "service_s": None,
@@ -686,6 +725,8 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
             reserved[e.model] = e.bytes
             if e.measured:
                 measured[e.model] = e.bytes
+            else:
+                placed_first.setdefault(e.model, e.bytes)
         elif isinstance(e, Released):
             reserved.pop(e.model, None)
         elif isinstance(e, RequestsRolledUp):
@@ -705,7 +746,7 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
     for a in arrivals:
         if a.model not in models:
             ls = loads.get(a.model)
-            est, held = sizes.get(a.model), measured.get(a.model)
+            est, held = placed_first.get(a.model) or sizes.get(a.model), measured.get(a.model)
             seq = held_after.get(a.model)
             models[a.model] = ModelInfo(a.model, bytes=held or est, load_s=statistics.median(ls) if ls else None,
                                         estimate_bytes=est if held and est and held != est else None,
@@ -722,6 +763,9 @@ def from_log(path: str | Path, *, since: Any = None, until: Any = None) -> Workl
     if not_ok:
         listed = ", ".join(f"{s} {k}" for s, k in sorted(not_ok.items()))
         notes.append(f"{sum(not_ok.values())} request(s) did not finish ok ({listed}): their service time is unknown")
+    if sum(left_out.values()):
+        notes.append(f"{sum(left_out.values())} request(s) to external servers' models "
+                     f"({', '.join(sorted(m for m in left_out if left_out[m]))}) left out: Modelium does not place them")
     if rolled:
         notes.append(f"{rolled_arrivals} arrival(s) in {rolled} rolled-up minute(s) are missing: retention "
                      "replaced those requests by per-minute statistics")

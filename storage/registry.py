@@ -12,11 +12,13 @@ import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from modelium.core.memory import correction_ratios, estimate_family, needed_bytes
 from modelium.core.traffic import GAP_BINS, RECENT, gap_bin
 from modelium.core.messages import (
     ActorCrashed,
     BrainStarted,
     DeviceRegistered,
+    DeviceHealth,
     DeviceSampled,
     Event,
     Evict,
@@ -85,6 +87,8 @@ class ModelEntry:
     loaded_at: float = 0.0
     loads: int = 0
     load_s: float = 0.0
+    # the last load's phases (LoadCompleted): worker_s, build_s, weights_s, warmup_s (seconds), loader
+    load_phases: dict[str, float | str] = field(default_factory=dict)
     failures: int = 0
     failed_at: float = 0.0
     crashes: int = 0
@@ -96,6 +100,13 @@ class ModelEntry:
     # version (fingerprint) that load was of: the next placement of the same version uses it
     measured_bytes: int = 0
     measured_fingerprint: str = ""
+    # the correction of its estimate learnt from measured loads of its family
+    # (modelium.core.memory.correction_ratios; 1.0: none), used while this version is unmeasured
+    estimate_ratio: float = 1.0
+    # a load that ran the device out of memory is retried once, reserving what it lacked
+    # (LoadFailed kind "oom": asked - free) on top of its need; 0: no retry pending
+    oom_extra_bytes: int = 0
+    oom_retried: bool = False  # its last load was that retry (a second oom fails it)
     # arrivals, for policies that learn from traffic (modelium.core.traffic): how many, the
     # latest RECENT times, a histogram of the gaps between them, and the keep-alive the last
     # request asked for (None: it asked for none)
@@ -120,9 +131,12 @@ class DeviceEntry:
     kind: str
     label: str = ""
     total_bytes: int = 0
-    budget_bytes: int = 0
+    budget_bytes: int = 0  # what placements may use: the configured budget less foreign_bytes
     fake: bool = False
     free_bytes: int | None = None  # last sample
+    configured_budget_bytes: int = 0  # the budget the device registered with
+    foreign_bytes: int = 0  # held by processes that are not Modelium's (last sample)
+    unavailable: str = ""  # why it is unavailable (DeviceHealth); "": available
     reserved: dict[str, int] = field(default_factory=dict)  # the allocator's ledger, as logged
 
 
@@ -140,6 +154,10 @@ class State:
     # indexes kept by the fold, so that a policy asked on every event need not scan every model
     asked: set[str] = field(default_factory=set)  # models with requests pending
     flagged: set[str] = field(default_factory=set)  # models removed, or changed while resident
+    # what measured loads teach the estimates: model -> (family, estimated bytes, measured bytes)
+    # of its latest measured load, and the correction ratio of each family learnt from them
+    memory_observations: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    estimate_ratios: dict[str, float] = field(default_factory=dict)
 
     def copy(self) -> State:
         return copy.deepcopy(self)
@@ -184,6 +202,18 @@ def _unloaded(state: State, m: ModelEntry, reason: str) -> None:
         m.state = "unloaded"
         m.reason = reason
     _drop_if_gone(state, m)
+
+
+def _observe(state: State, name: str, spec: ModelSpec, measured: int) -> None:
+    """A load of ``name`` measured ``measured`` bytes: relearn its family's estimate correction
+    and hand it to every model of the family."""
+    family = estimate_family(spec)
+    state.memory_observations[name] = (family, needed_bytes(spec), measured)
+    ratio = correction_ratios(o for o in state.memory_observations.values() if o[0] == family).get(family, 1.0)
+    state.estimate_ratios[family] = ratio
+    for other in state.models.values():
+        if other.spec is not None and estimate_family(other.spec) == family:
+            other.estimate_ratio = ratio
 
 
 def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one branch per event
@@ -257,6 +287,7 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         m.spec = event.spec
         m.path = event.spec.path
         m.fingerprint = event.spec.fingerprint
+        m.estimate_ratio = state.estimate_ratios.get(estimate_family(event.spec), 1.0)
         m.removed = False
         m.invalid_reason = ""
         m.failures = 0
@@ -293,13 +324,21 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         old = state.devices.get(event.device)
         state.devices[event.device] = DeviceEntry(
             name=event.device, kind=event.kind, label=event.name, total_bytes=event.total_bytes,
-            budget_bytes=event.budget_bytes, fake=event.fake,
-            reserved=old.reserved if old else {},
+            budget_bytes=max(0, event.budget_bytes - old.foreign_bytes) if old else event.budget_bytes,
+            fake=event.fake, reserved=old.reserved if old else {}, configured_budget_bytes=event.budget_bytes,
+            unavailable="",  # registered: detected, so available
+            foreign_bytes=old.foreign_bytes if old else 0, free_bytes=old.free_bytes if old else None,
         )
+    elif t is DeviceHealth:
+        d = state.devices.get(event.device)
+        if d is not None:
+            d.unavailable = "" if event.available else (event.reason or "unavailable")
     elif t is DeviceSampled:
         d = state.devices.get(event.device)
         if d is not None:
             d.free_bytes = event.free_bytes
+            d.foreign_bytes = event.foreign_bytes
+            d.budget_bytes = max(0, (d.configured_budget_bytes or d.budget_bytes) - event.foreign_bytes)
     elif t is Reserved:
         d = state.devices.get(event.device)
         if d is not None:
@@ -309,6 +348,8 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             if m is not None and m.device == event.device:
                 m.bytes = event.bytes
                 m.measured_bytes, m.measured_fingerprint = event.bytes, m.fingerprint
+                if m.spec is not None:
+                    _observe(state, m.name, m.spec, event.bytes)
     elif t is Released:
         d = state.devices.get(event.device)
         if d is not None:
@@ -340,7 +381,10 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             if m.state != "unloading":
                 m.state = "ready"
             m.loads += 1
+            m.oom_extra_bytes, m.oom_retried = 0, False
             m.load_s = event.load_s
+            m.load_phases = {"worker_s": event.worker_s, "build_s": event.build_s, "weights_s": event.weights_s,
+                             "warmup_s": event.warmup_s, "loader": event.loader}
             m.loaded_at = event.ts
             m.last_used, m.used_seq = event.ts, seq
             m.pid = event.pid
@@ -352,6 +396,14 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.failed_at = event.ts
             m.state = "failed"
             m.reason = event.reason
+            if event.kind == "oom" and not m.oom_retried and not m.invalid_reason:
+                # out of memory: placed again at once (the brain may evict for it), asking for
+                # what the device lacked on top of its need; a second oom fails it
+                m.state, m.oom_retried = "unloaded", True
+                m.oom_extra_bytes = max(0, event.asked_bytes - event.free_bytes)
+                m.reason = f"{event.reason}; retried once with room for {m.oom_extra_bytes} more bytes"
+            else:
+                m.oom_extra_bytes, m.oom_retried = 0, False
             if m.invalid_reason:
                 m.state, m.reason, m.spec, m.invalid_reason = "invalid", m.invalid_reason, None, ""
             _drop_if_gone(state, m)
@@ -364,7 +416,8 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         if m is not None:
             m.crashes += 1
             m.failed_at = event.ts
-            _unloaded(state, m, f"worker crashed: {event.reason}")
+            _unloaded(state, m, f"worker stopped (oom): {event.reason}" if event.kind == "oom"
+                      else f"worker crashed: {event.reason}")
     elif t is Pinned or t is Unpinned:
         m = _model(state, event.model)
         if m is not None:

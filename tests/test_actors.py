@@ -473,3 +473,51 @@ async def test_a_runner_gone_without_notice_does_not_take_the_router_down(tmp_pa
         assert not of(log, ActorCrashed)
         n.cancel_scope.cancel()
     log.close()
+
+
+async def until(done, steps: int = 10_000) -> None:
+    """Sleep in steps until ``done()``: samples run in a thread, which the autojump clock does
+    not wait for, so a fixed virtual sleep may end before they do."""
+    for _ in range(steps):
+        if done():
+            return
+        await trio.sleep(0.5)
+    raise AssertionError("the condition never came")
+
+
+async def test_a_gpu_that_nvml_fails_on_is_made_unavailable_and_back(tmp_path, autojump_clock, monkeypatch):
+    """The allocator of a GPU that NVML cannot read three samples in a row logs it unavailable with
+    NVML's words and grants nothing more; once NVML reads it again it is available. (The GPU is
+    behind ``modelium.hardware.sample``: here a stand-in for NVML that fails as told.)"""
+    import actors.allocator as allocator_mod
+    from modelium.core.messages import DeviceHealth, Granted, Refused, Reserve
+    from modelium.hardware import DeviceError, Sample
+
+    failing = {"on": False}
+
+    def nvml(device, ours=None):
+        if failing["on"]:
+            raise DeviceError(f"NVML cannot read {device.name}: GPU is lost")
+        return Sample(free=70 * 2**30, used=10 * 2**30, foreign=0)
+
+    monkeypatch.setattr(allocator_mod, "sample", nvml)
+    log, state = open_log(tmp_path)
+    gpu = DeviceInfo("gpu:0", "gpu", "test GPU", 80 * 2**30, 72 * 2**30, index=0)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        alloc = Supervisor(log.publish).start(n, allocator_mod.Allocator(log, gpu, state, sample_s=1.0))
+        await until(lambda: of(log, allocator_mod.DeviceSampled))
+        assert isinstance(await alloc.ask(Reserve(model="a", bytes=2**30)), Granted)
+        failing["on"] = True
+        await until(lambda: of(log, DeviceHealth))
+        [down] = of(log, DeviceHealth)
+        assert not down.available and "GPU is lost" in down.reason and "3 samples in a row" in down.reason
+        assert state.devices["gpu:0"].unavailable == down.reason
+        refused = await alloc.ask(Reserve(model="b", bytes=2**30))
+        assert isinstance(refused, Refused) and "gpu:0 is unavailable" in refused.reason
+        failing["on"] = False
+        await until(lambda: len(of(log, DeviceHealth)) == 2)
+        assert [e.available for e in of(log, DeviceHealth)] == [False, True]
+        assert state.devices["gpu:0"].unavailable == ""
+        n.cancel_scope.cancel()
+    log.close()

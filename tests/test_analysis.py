@@ -595,3 +595,71 @@ def test_analyse_reads_headers_only(tmp_path):
     assert isinstance(spec, ModelSpec), spec
     assert spec.param_count == n and spec.weight_bytes == 4 * n
     assert time.perf_counter() - t < 5  # generous: reading 4 GiB would take far longer
+
+
+# --------------------------------------------------------------------------------------------
+# config.json checked against the safetensors it comes with
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(cfg | changes))
+    return dst
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_config_matching_its_weights_passes(tiny, family):
+    spec = analyse(tiny[family])
+    assert isinstance(spec, ModelSpec), spec
+    assert not any("layers" in n and "safetensors hold" in n for n in spec.notes)
+
+
+def test_config_inflated_against_its_weights_is_invalid(tiny, tmp_path):
+    held = analyse(tiny["llama"]).param_count
+    bad = _copy_with_config(tiny["llama"], tmp_path / "inflated", hidden_size=4096, num_hidden_layers=32)
+    r = invalid(analyse(bad), "config.json implies", "hidden_size 4096", "32 layers",
+                f"the safetensors hold {held:.2g}")
+    # the 512 x 4096 embedding + 32 layers of q, o (4 heads x 16) and k, v (2 x 16) projections
+    # and a gated MLP of 128: config.json keeps its head_dim of 16
+    implied = 512 * 4096 + 32 * (2 * 4096 * 64 + 2 * 4096 * 32 + 3 * 4096 * 128)
+    assert f"implies {implied:.2g} parameters" in r.reason and implied > 500 * held
+    # GPT-2's own names for the same figures
+    bad2 = _copy_with_config(tiny["gpt2"], tmp_path / "inflated-gpt2", n_embd=2048, n_layer=24)
+    invalid(analyse(bad2), "config.json implies", "hidden_size 2048", "24 layers", "safetensors hold")
+
+
+def test_config_with_more_layers_than_the_weights_is_invalid(tiny, tmp_path):
+    # 3 layers instead of 2: within the parameter tolerance, caught by the layer names
+    bad = _copy_with_config(tiny["llama"], tmp_path / "extra-layer", num_hidden_layers=3)
+    invalid(analyse(bad), "config.json says 3 layers", "safetensors hold 2")
+
+
+def test_tied_embeddings_pass(tiny, tmp_path):
+    from safetensors.numpy import load_file
+
+    tied = _copy_with_config(tiny["llama"], tmp_path / "tied", tie_word_embeddings=True)
+    tensors = load_file(str(tied / "model.safetensors"))
+    del tensors["lm_head.weight"]  # the LM head is the embedding: not stored
+    save_file(tensors, str(tied / "model.safetensors"))
+    spec = analyse(tied)
+    assert isinstance(spec, ModelSpec), spec
+    assert spec.param_count == analyse(tiny["llama"]).param_count - 512 * 64
+
+
+def test_unknown_kinds_and_quantized_configs_are_not_refused(tiny, tmp_path):
+    odd = _copy_with_config(tiny["llama"], tmp_path / "odd", model_type="mystery", hidden_size=4096,
+                            architectures=["MysteryForCausalLM"])
+    assert isinstance(analyse(odd), ModelSpec)
+    quant = _copy_with_config(tiny["llama"], tmp_path / "quant", hidden_size=4096,
+                              quantization_config={"quant_method": "gptq", "bits": 4})
+    assert isinstance(analyse(quant), ModelSpec)
+    # a config that omits a figure the count needs is not checked either
+    cfg = json.loads((tiny["llama"] / "config.json").read_text())
+    partial = _copy_with_config(tiny["llama"], tmp_path / "partial", hidden_size=4096)
+    (partial / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "vocab_size"}
+                                                    | {"hidden_size": 4096}))
+    assert isinstance(analyse(partial), ModelSpec)

@@ -79,7 +79,7 @@ def test_a_dropped_model_answers_the_openai_client_and_requests_wait_while_it_lo
     started, _ = first(evs, LoadStarted, model="alpha")
     completed, _ = first(evs, LoadCompleted, model="alpha")
     assert disc < load_seq < started < completed
-    assert load.policy == "lru" and "request(s) waiting" in load.reason
+    assert load.policy == "cost-aware" and "request(s) waiting" in load.reason  # the default policy
     arrivals = [s for s, e in evs if isinstance(e, RequestArrived)]
     # the four concurrent requests all arrived before the model was loaded, and they triggered it
     assert len(arrivals) == 5 and all(s < completed for s in arrivals[:4])
@@ -109,7 +109,7 @@ def test_a_dropped_model_answers_the_openai_client_and_requests_wait_while_it_lo
 
 def test_two_models_with_memory_for_one_take_turns_by_lru(make_server, tiny_llama, tiny_gpt2):
     # each tiny model is estimated at ~385 MiB (weights + the worker's runtime overhead)
-    server = make_server(args=["--cpu-memory", "600MiB"]).start()
+    server = make_server(args=["--cpu-memory", "600MiB", "--policy", "lru"]).start()
     copy_model(tiny_llama, server.models, "llama")
     copy_model(tiny_gpt2, server.models, "gpt2")
     server.wait_model("llama")

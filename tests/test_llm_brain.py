@@ -8,6 +8,8 @@ endpoint."""
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import msgspec
 import pytest
 import trio
+from conftest import copy_model
 from helpers import MiB, Script, published
 
 from actors.base import Supervisor
@@ -294,6 +297,8 @@ class StandInEndpoint:
         self.mode = "good"
         self.content = '{"evict": ["a"], "why": "stand-in"}'
         self.requests = []
+        self.delay_s = 3.0  # how long the slow mode takes to answer
+        self.answered = 0  # requests answered (or given up on) so far
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -303,8 +308,14 @@ class StandInEndpoint:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, body))
+                try:
+                    self.answer(body)
+                finally:
+                    outer.answered += 1
+
+            def answer(self, body):
                 if outer.mode == "slow":
-                    time.sleep(3)
+                    time.sleep(outer.delay_s)
                 if outer.mode == "error":
                     self.send_response(500)
                     self.end_headers()
@@ -427,3 +438,57 @@ async def test_the_brain_serves_with_any_endpoint_and_replay_reproduces_it(tmp_p
     report = replay_decisions(events)
     assert report.ok and report.reproduced == len(decided), report.summary()
     assert len(endpoint.requests) == before
+
+
+# -- the whole server with the llm policy -------------------------------------------------------
+
+
+def test_a_real_server_never_waits_on_a_slow_llm_and_its_log_replays_without_it(make_server, tiny_llama, endpoint):
+    """A real ``modelium serve`` with ``policy: llm`` whose endpoint takes 30 s to answer (timeout
+    0.5 s): a request that needs an eviction (two equal idle candidates: a close call) is served
+    while the endpoint is still thinking, the server answers other routes meanwhile, the decisions
+    say why the answer was not used, and ``modelium replay incident`` reproduces them with the
+    endpoint gone."""
+    endpoint.mode = "slow"
+    endpoint.delay_s = 30.0
+    # a load-cost floor far above the loads' own seconds: a and b score alike however long each
+    # load took on a busy machine, so the eviction is a close call
+    settings = json.dumps({"endpoint": endpoint.url, "model": "stand-in", "timeout_s": 0.5,
+                           "fallback_settings": {"load_cost_floor_s": 1000}})
+    # each tiny model is estimated at ~385 MiB (measures off, so the estimate holds): room for two
+    server = make_server(args=["--cpu-memory", "900MiB"], extra_env={
+        "MODELIUM_SPARE_WORKERS": "0", "MODELIUM_POLICY": "llm", "MODELIUM_POLICY_SETTINGS": settings,
+        "MODELIUM_MEASURED_MEMORY": "false"}).start()
+    for name in ("a", "b", "c"):
+        copy_model(tiny_llama, server.models, name)
+    for name in ("a", "b", "c"):
+        server.wait_model(name)
+    for name in ("a", "b"):
+        r = server.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    done: dict = {}
+
+    def ask_c():
+        done["c"] = server.post("/v1/completions", json={"model": "c", "prompt": "hi", "max_tokens": 2})
+
+    t = threading.Thread(target=ask_c)
+    t.start()
+    while not endpoint.requests and t.is_alive():
+        time.sleep(0.05)
+    assert endpoint.requests, "the brain did not consult the endpoint on a close call"
+    assert server.get("/health").status_code == 200  # the server answers while the LLM thinks
+    t.join(120)
+    assert done["c"].status_code == 200, done["c"].text
+    assert endpoint.answered == 0  # c was served while the endpoint had still not answered
+    server.wait_committed()
+    server.stop()
+    endpoint.close()
+
+    evs = list(read_events(server.db))
+    consulted = [e for _, e in evs if isinstance(e, (Load, Evict)) and e.llm_prompt_hash]
+    assert consulted and any(isinstance(e, Load) and e.model == "c" for e in consulted)
+    assert all(e.policy == "llm" and "no answer within 0.5 s" in e.reason and e.llm_error for e in consulted)
+    r = subprocess.run([sys.executable, "-m", "modelium", "replay", "incident", str(server.db), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["ok"] and report["reproduced"] == report["logged"] >= 3, r.stdout

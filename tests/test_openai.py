@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 
 import httpx
 import numpy as np
@@ -279,3 +280,28 @@ def test_models_predict_and_status(server, tiny_llama):
     assert by_name["llama"]["state"] == "ready" and by_name["llama"]["device"] == "cpu"
     assert by_name["minilm"]["task"] == "embedding"
     assert all(m["queued"] == 0 and m["inflight"] == 0 for m in status["models"])
+
+
+def test_a_requests_keep_alive_is_logged_and_unloads_its_model_once_idle(server):
+    """Ollama's ``keep_alive`` on the OpenAI routes: the request's own keep-alive reaches the log
+    (``RequestArrived.keep_alive_s``) and the policy unloads the model once idle that long; a value
+    that is not a duration is a 400 naming the parameter."""
+    c = client(server)
+    r = c.completions.create(model="gpt2", prompt="Hello", max_tokens=2, extra_body={"keep_alive": "0s"})
+    assert r.choices[0].text is not None
+    bad = httpx.post(server.url + "/v1/embeddings", json={"model": "minilm", "input": "x", "keep_alive": "soon"},
+                     timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive"
+    assert "not a duration" in bad.json()["error"]["message"]
+    deadline = time.monotonic() + 60
+    evicts = []
+    while time.monotonic() < deadline and not evicts:
+        server.wait_committed()
+        evicts = [e for _, e in read_events(server.db, types=["Evict"], model="gpt2")
+                  if "its last request's keep_alive 0 s" in e.reason]
+        time.sleep(0.5)
+    assert evicts, "gpt2 was not unloaded after its request's keep_alive of 0 s"
+    arrived = [e for _, e in read_events(server.db, types=["RequestArrived"], model="gpt2")]
+    assert arrived[-1].keep_alive_s == 0.0
+    again = c.completions.create(model="gpt2", prompt="Hello", max_tokens=2)  # it loads again on demand
+    assert again.choices[0].finish_reason in ("stop", "length")

@@ -7,8 +7,8 @@ import pytest
 from helpers import MiB, Script
 
 from modelium.core.messages import Evict, Load, LoadCompleted, LoadStarted, RequestArrived, Tick
-from modelium.core.policies import CostAwarePolicy, OllamaPolicy, SeedRulesPolicy, make_policy
-from modelium.core.traffic import bin_upper_s, decayed_count, gap_bin, gap_percentile
+from modelium.core.policies import CostAwarePolicy, LRUPolicy, OllamaPolicy, SeedRulesPolicy, make_policy
+from modelium.core.traffic import bin_upper_s, decayed_count, gap_bin, gap_percentile, keep_alive_seconds
 from storage.registry import fold
 
 
@@ -109,7 +109,36 @@ def test_ollama_honours_each_requests_keep_alive_on_ticks():
     s.add(Tick(), dt=10_000)
     out = decide(s, OllamaPolicy())
     assert kinds(out) == [("Evict", "a"), ("Evict", "c")]
-    assert "its last request's keep_alive 0 s" in out[0].reason and "the default keep-alive 300 s" in out[1].reason
+    assert "its last request's keep_alive 0 s" in out[0].reason and "(keep-alive 300 s)" in out[1].reason
+
+
+def test_every_policy_honours_a_requests_own_keep_alive():
+    """Ollama's ``keep_alive`` is the caller's word: lru, seed-rules and cost-aware (over its learnt
+    keep-alive) unload once idle for what the last request asked; a negative one never."""
+    for policy in (LRUPolicy(), SeedRulesPolicy(), CostAwarePolicy(preload=False), OllamaPolicy()):
+        s = Script()
+        s.device("cpu", 1000)
+        for name in "abc":
+            s.model(name)
+            load(s, name)
+        use(s, "a", "ra", keep_alive_s=30.0)
+        use(s, "b", "rb", keep_alive_s=-1.0)
+        use(s, "c", "rc", keep_alive_s=100_000.0)
+        s.add(Tick(), dt=60)
+        out = decide(s, policy)
+        assert kinds(out) == [("Evict", "a")], policy.name
+        assert "its last request's keep_alive 30 s" in out[0].reason
+        s.add(Tick(), dt=50_000)
+        assert kinds(decide(s, policy)) == [("Evict", "a")], policy.name  # b: for ever; c: 100,000 s
+
+
+def test_keep_alive_is_read_as_ollama_reads_it():
+    assert [keep_alive_seconds(v) for v in (300, 2.5, "5m", "1h30m", "90s", "250ms", "0", "10", "-1", -5, "-1m")] \
+        == [300.0, 2.5, 300.0, 5400.0, 90.0, 0.25, 0.0, 10.0, -1.0, -1.0, -1.0]
+    assert keep_alive_seconds(10**12) == -1.0  # beyond a year: for ever
+    for bad in ("5x", "", "m", "5m3", "nan", True, None, [5]):
+        with pytest.raises(ValueError, match="keep_alive"):
+            keep_alive_seconds(bad)
 
 
 # -- seed-rules --------------------------------------------------------------------------------
@@ -230,7 +259,7 @@ def test_cost_aware_pins_and_settings():
     policy = make_policy("cost-aware", {"always_loaded": "p,q", "memory_s": "inf"})
     [d] = decide(s, policy, Tick())
     assert isinstance(d, Load) and d.model == "q" and d.reason.startswith("pinned")
-    assert policy.settings["always_loaded"] == ["p", "q"] and policy.settings["memory_s"] == math.inf
+    assert policy.settings["always_loaded"] == ["p", "q"] and policy.settings["memory_s"] == "inf"  # JSON has no infinity
     assert policy.protected(fold(s.events).models["p"])
     with pytest.raises(ValueError):
         CostAwarePolicy(keep_alive_percentile=0)

@@ -4,7 +4,19 @@ import msgspec
 import pytest
 from helpers import MiB, Script, spec
 
-from modelium.core.messages import Evict, Load, LoadFailed, ModelChanged, ModelRemoved, Reject, Tick
+from modelium.core.messages import (
+    DeviceHealth,
+    DeviceSampled,
+    Evict,
+    Load,
+    LoadFailed,
+    ModelChanged,
+    ModelDiscovered,
+    ModelRemoved,
+    Reject,
+    Tick,
+    Unloaded,
+)
 from modelium.core.policies import LRUPolicy, UnknownPolicy, make_policy
 from storage.registry import fold
 
@@ -81,6 +93,137 @@ def test_a_model_larger_than_every_device_is_rejected_with_the_reason():
     assert "needs 1000.0 MiB" in d.reason and "largest device budget is 250.0 MiB" in d.reason
     s.add(msgspec.structs.replace(d, trigger=t))
     assert decide(s) == []  # rejected requests no longer want a load
+
+
+def test_placement_is_best_fit_over_every_gpu_and_a_model_too_large_for_each_is_rejected():
+    """A model goes where it leaves the least memory free (GPUs first), so that the larger hole
+    stays for a larger model; one larger than every single GPU is rejected, even when the GPUs
+    together would hold it (a model is never split)."""
+    s = Script()
+    s.device("gpu:0", 400, kind="gpu")
+    s.device("gpu:1", 150, kind="gpu")
+    s.device("cpu", 1000)
+    for name, mib in (("small", 100), ("large", 350), ("huge", 500)):
+        s.model(name, mib)
+    s.arrive("small", "r1")
+    [d] = decide(s)
+    assert (type(d).__name__, d.model, d.device) == ("Load", "small", "gpu:1")  # not the first by name
+    assert "best fit of 3 devices with room" in d.reason
+    s.add(d)
+    s.arrive("large", "r2")
+    [d] = decide(s)
+    assert (d.model, d.device) == ("large", "gpu:0")  # the large hole was kept for it
+    s.add(d)
+    s.arrive("huge", "r3")
+    [d] = decide(s)
+    assert (d.model, d.device) == ("huge", "cpu")  # larger than either GPU: the CPU holds it
+
+    gpus = Script()
+    gpus.device("gpu:0", 400, kind="gpu")
+    gpus.device("gpu:1", 150, kind="gpu")
+    gpus.model("huge", 500)
+    gpus.arrive("huge", "r1")
+    [d] = decide(gpus)
+    assert isinstance(d, Reject) and d.kind == "insufficient_memory"
+    assert "largest device budget is 400.0 MiB (gpu:0)" in d.reason
+
+
+def test_a_vllm_model_is_placed_on_gpus_only():
+    s = Script()
+    s.device("gpu:0", 200, kind="gpu")
+    s.device("cpu", 1000)
+    s.add(ModelDiscovered(model="busy", spec=spec("busy", 150)))
+    s.add(Load(model="busy", device="gpu:0", bytes=150 * MiB, reason=""))
+    s.loaded("busy", device="gpu:0")
+    s.arrive("busy", "rb")  # the GPU is busy
+    s.add(ModelDiscovered(model="v", spec=msgspec.structs.replace(spec("v", 100), backend="vllm")))
+    s.model("t", 100)
+    s.arrive("v", "r1")
+    s.arrive("t", "r2")
+    # the transformers model takes the CPU; the vLLM one waits for the GPU, never the CPU
+    [d] = decide(s)
+    assert (type(d).__name__, d.model, d.device) == ("Load", "t", "cpu")
+    s.add(d)
+    s.finish("busy", "rb")
+    out = decide(s)
+    assert [(type(d).__name__, d.model, getattr(d, "device", None)) for d in out] == [
+        ("Evict", "busy", None), ("Load", "v", "gpu:0")]
+    cpu_only = Script()
+    cpu_only.device("cpu", 1000)
+    cpu_only.add(ModelDiscovered(model="v", spec=msgspec.structs.replace(spec("v", 100), backend="vllm")))
+    cpu_only.arrive("v", "r1")
+    [d] = decide(cpu_only)
+    assert isinstance(d, Reject) and d.kind == "unavailable" and "runs on vllm, which needs a GPU" in d.reason
+
+
+def test_a_load_that_runs_the_device_out_of_memory_is_retried_once_with_room_for_what_it_lacked():
+    s = Script()
+    s.device("gpu:0", 400, kind="gpu")
+    s.model("a", 100)
+    s.add(Load(model="a", device="gpu:0", bytes=100 * MiB, reason=""))
+    s.loaded("a", device="gpu:0")
+    s.model("m", 100)
+    s.arrive("m", "r1")
+    [d] = decide(s)
+    assert (type(d).__name__, d.model, d.bytes) == ("Load", "m", 100 * MiB)
+    s.add(d)
+    s.add(LoadFailed(model="m", device="gpu:0", reason="out of memory", kind="oom", asked_bytes=350 * MiB,
+                     free_bytes=50 * MiB))
+    out = decide(s)  # at once, not after retry_failed_s: a needs 400 MiB now, so a makes room
+    assert [(type(x).__name__, x.model) for x in out] == [("Evict", "a"), ("Load", "m")]
+    assert out[1].bytes == 400 * MiB
+    assert fold(s.events).models["m"].state == "unloaded"
+    s.add(out[0])
+    s.add(out[1])
+    s.add(LoadFailed(model="m", device="gpu:0", reason="out of memory", kind="oom", asked_bytes=450 * MiB,
+                     free_bytes=0))
+    [r] = decide(s)  # the second oom fails it as any failure
+    assert isinstance(r, Reject) and "failed to load" in r.reason
+    assert fold(s.events).models["m"].oom_extra_bytes == 0
+
+
+def test_models_on_an_unavailable_device_are_evicted_and_load_elsewhere():
+    s = Script()
+    s.device("gpu:0", 400, kind="gpu")
+    s.device("gpu:1", 400, kind="gpu")
+    s.model("a", 100)
+    s.add(Load(model="a", device="gpu:0", bytes=100 * MiB, reason=""))
+    s.loaded("a", device="gpu:0")
+    s.arrive("a", "r1")  # busy: evicted all the same, its worker is on a lost GPU
+    s.add(DeviceHealth(device="gpu:0", available=False, reason="NVML cannot read gpu:0: GPU is lost"))
+    [d] = decide(s)
+    assert isinstance(d, Evict) and d.model == "a" and "gpu:0 is unavailable (NVML cannot read gpu:0" in d.reason
+    s.add(d)
+    s.add(Unloaded(model="a", device="gpu:0"))
+    s.arrive("a", "r2")
+    [d] = decide(s)
+    assert (type(d).__name__, d.model, d.device) == ("Load", "a", "gpu:1")
+    s.add(DeviceHealth(device="gpu:1", available=False, reason="NVML cannot read gpu:1: driver gone"))
+    s.model("b", 100)
+    s.arrive("b", "r3")
+    out = decide(s)
+    rejects = [x for x in out if isinstance(x, Reject)]
+    assert [x.model for x in rejects] == ["a", "b"] and "no device to run on available" in rejects[1].reason
+    assert "gpu:1: NVML cannot read gpu:1: driver gone" in rejects[1].reason
+
+
+def test_memory_held_by_other_processes_comes_out_of_the_budget():
+    """A sample that says processes that are not Modelium's hold memory on a GPU shrinks what the
+    policies may place there (and ``/status`` shows it); a later sample gives it back."""
+    s = Script()
+    s.device("gpu:0", 400, kind="gpu")
+    s.add(DeviceSampled(device="gpu:0", free_bytes=100 * MiB, used_bytes=300 * MiB, foreign_bytes=300 * MiB))
+    s.model("m", 150)
+    s.arrive("m", "r1")
+    [d] = decide(s)
+    assert isinstance(d, Reject) and "largest device budget is 100.0 MiB (gpu:0)" in d.reason
+    s.add(d)
+    s.add(DeviceSampled(device="gpu:0", free_bytes=400 * MiB, used_bytes=0, foreign_bytes=0))
+    s.arrive("m", "r2")
+    [d] = decide(s)
+    assert isinstance(d, Load) and d.device == "gpu:0"
+    dev = fold(s.events).devices["gpu:0"]
+    assert dev.budget_bytes == dev.configured_budget_bytes == 400 * MiB and dev.foreign_bytes == 0
 
 
 def test_idle_models_are_unloaded_after_the_keep_alive_on_ticks():

@@ -1,5 +1,5 @@
-"""Sim-to-real: a workload run against the real server, then simulated from that server's own
-log, gives the same sequence of load and evict decisions."""
+"""Sim-to-real: a workload run against the real server (the default policy, cost-aware), then
+simulated from that server's own log, gives the same sequence of load and evict decisions."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_a_workload_simulated_from_the_servers_own_log_decides_what_the_server_d
         server.wait_model(name)
     rng = random.Random(11)
     sequence = []
-    for _ in range(12):  # blocks of requests over two of the three models: LRU evicts at block edges
+    for _ in range(12):  # blocks of requests over two of the three models: the policy evicts at block edges
         pair = rng.sample("abc", 2)
         sequence += rng.choices(pair, weights=[3, 1], k=20)
     with httpx.Client(timeout=120) as c:
@@ -50,9 +50,9 @@ def test_a_workload_simulated_from_the_servers_own_log_decides_what_the_server_d
 
     sim_db = tmp_path / "sim.db"
     out = subprocess.run([sys.executable, "-m", "modelium", "replay", "simulate", str(server.db), "--from-log",
-                          "--policy", "lru", "--write-log", str(sim_db), "--json"],
+                          "--policy", "cost-aware", "--write-log", str(sim_db), "--json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    assert report["policies"]["lru"]["requests"] == len(sequence)
+    assert report["policies"]["cost-aware"]["requests"] == len(sequence)
     assert decisions(sim_db) == live

@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from modelium.core.messages import (
+    ExternalHealth,
     LoadCompleted,
     ModelChanged,
     ModelDiscovered,
@@ -207,7 +208,7 @@ def test_trace_files_and_their_attribution_are_in_the_repository():
 # ---------------------------------------------------------------------------------------------- synthetic
 
 
-@pytest.mark.parametrize("pattern", ["poisson", "bursty", "diurnal"])
+@pytest.mark.parametrize("pattern", ["poisson", "bursty", "diurnal", "sessions"])
 def test_synthetic_is_deterministic_per_seed(pattern):
     a = wl.synthetic(pattern, seed=3, requests=500)
     assert a.arrivals == wl.synthetic(pattern, seed=3, requests=500).arrivals
@@ -249,6 +250,31 @@ def test_synthetic_diurnal_follows_the_sine():
     assert phase[0] / phase[1] == pytest.approx((1 + 1.6 / 3.14159) / (1 - 1.6 / 3.14159), rel=0.2)
 
 
+def test_synthetic_sessions_have_temporal_locality_per_model():
+    """Sessions ask one model several times in a row: the next request for a model comes far
+    sooner after a request than under Poisson arrivals with the same models and rate."""
+    kw = dict(requests=6000, models=10, zipf=1.0, rate=1.0, seed=7)
+    sess = wl.synthetic("sessions", session_requests=8.0, think_s=10.0, **kw)
+    pois = wl.synthetic("poisson", **kw)
+
+    def median_regap(w):  # the median over models of each one's median gap to its own next request
+        last, gaps = {}, {}
+        for a in w.arrivals:
+            if a.model in last:
+                gaps.setdefault(a.model, []).append(a.ts - last[a.model])
+            last[a.model] = a.ts
+        medians = sorted(sorted(g)[len(g) // 2] for g in gaps.values())
+        return medians[len(medians) // 2]
+
+    assert median_regap(sess) < 0.5 * median_regap(pois)
+    ts = [a.ts for a in sess.arrivals]
+    assert len(ts) / ts[-1] == pytest.approx(1.0, rel=0.15)  # the long-run rate is `rate`
+    counts = Counter(a.model for a in sess.arrivals)
+    assert counts["m00"] == max(counts.values())  # sessions pick models by the Zipf law
+    with pytest.raises(WorkloadError, match="session_requests must be at least 1"):
+        wl.synthetic("sessions", session_requests=0.5)
+
+
 def test_synthetic_sizes_load_times_and_service_are_cycled_over_models():
     w = wl.synthetic("poisson", requests=2000, models=5, zipf=0.0, sizes=[GiB, 4 * GiB], load_s=[1.0, 2.0, 3.0],
                      service_s=0.25)
@@ -258,7 +284,7 @@ def test_synthetic_sizes_load_times_and_service_are_cycled_over_models():
 
 
 def test_synthetic_errors_list_what_is_accepted():
-    with pytest.raises(WorkloadError, match="known patterns are poisson, bursty, diurnal"):
+    with pytest.raises(WorkloadError, match="known patterns are poisson, bursty, diurnal, sessions"):
         wl.synthetic("square")
     with pytest.raises(WorkloadError, match="does not take period_s"):
         wl.synthetic("poisson", period_s=5)
@@ -341,6 +367,21 @@ def test_from_log_matches_finishes_sizes_and_load_times(served_log):
     assert "did not finish ok (rejected 1)" in notes
     assert "no size known for c" in notes
     assert "no LoadCompleted for b, c" in notes
+
+
+def test_from_log_leaves_out_requests_to_external_servers(tmp_path):
+    """Requests proxied to an external server (its models named by ExternalHealth) are not
+    Modelium's to place: a simulation from the log leaves them out and says so."""
+    path = write_log(tmp_path / "ext.db", [
+        ModelDiscovered(ts=T0, model="a", spec=spec("a", 100 * MiB)),
+        ExternalHealth(ts=T0, name="cloud", url="http://127.0.0.1:9", healthy=True, models=["gpt-x"]),
+        RequestArrived(ts=T0 + 1, model="gpt-x", request_id="r1"),
+        RequestArrived(ts=T0 + 2, model="a", request_id="r2"),
+        RequestArrived(ts=T0 + 3, model="gpt-x", request_id="r3"),
+    ])
+    w = wl.from_log(path)
+    assert [a.model for a in w.arrivals] == ["a"] and set(w.models) == {"a"}
+    assert any("2 request(s) to external servers' models (gpt-x) left out" in n for n in w.notes)
 
 
 def test_from_log_since_and_until_by_seq_and_by_time(served_log):

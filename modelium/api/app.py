@@ -35,13 +35,14 @@ from actors.base import ActorDied
 from actors.router import Refused
 from modelium.api.auth import caller_tenant, tenant_for
 from modelium.api.auth import install as install_auth
+from modelium.api import external as external_api
 from modelium.api.errors import error_body, error_response, validation_error
 from modelium.api.limits import BodyLimit
 from modelium.api.principal import principal
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, PredictBody
 from modelium.core.aliases import check_aliases, resolve
 from modelium.core.errors import ErrorKind, ModeliumError
-from modelium.core.memory import estimate, needed_bytes
+from modelium.core.memory import estimate, estimate_family, needed_bytes
 from modelium.core.messages import Done, Encode, Encoded, Failed, Submit, Token
 from modelium.core.routing import priority_for
 
@@ -86,16 +87,19 @@ class Calls:
     cancellation when the handler leaves before they ended (the client went away)."""
 
     def __init__(self, system: Any, model: str, kind: str, reqs: list[Any], *, prefix: str, per: int = 1,
-                 tenant: str = "", user: str = "", chars: list[int] | None = None, priority: int | None = None):
+                 tenant: str = "", user: str = "", chars: list[int] | None = None, priority: int | None = None,
+                 keep_alive_s: float | None = None, admin: bool | None = None):
         self.system = system
         self.model = model
         self.kind = kind
         self.reqs = reqs
         self.per = per  # choices per request: request i's choices are numbered from i * per
         self.tenant = tenant or caller_tenant()  # the caller's tenant unless told
-        # the queue class asked for (only an administrator may raise it), else the tenant's default
-        self.priority = priority_for(priority, self.tenant, priority is None or principal().admin,
-                                     system.settings.tenant_priorities)
+        # the queue class asked for (only an administrator may raise it), else the tenant's default;
+        # ``admin``: the caller's role when it was checked elsewhere (a job, at its submission)
+        allowed = priority is None or (principal().admin if admin is None else admin)
+        self.priority = priority_for(priority, self.tenant, allowed, system.settings.tenant_priorities)
+        self.keep_alive_s = keep_alive_s  # the request's own keep-alive for its model (None: the policy's)
         self.user = user
         self.chars = chars or [0] * len(reqs)
         self.id = base = f"{prefix}-{uuid.uuid4().hex}"  # the answer's id; the log's request ids derive from it
@@ -118,7 +122,8 @@ class Calls:
                     await self.system.router.ask(Submit(
                         model=self.model, request_id=rid, kind=self.kind, request=req, timeout_s=timeout,
                         sink=Tagged(self._send.clone(), i * self.per), tenant=self.tenant, user=self.user,
-                        prompt_chars=self.chars[i], priority=self.priority, alias=self.alias))
+                        prompt_chars=self.chars[i], priority=self.priority, alias=self.alias,
+                        keep_alive_s=self.keep_alive_s))
                 except Refused as e:
                     raise e.error from None
                 except ActorDied:
@@ -133,8 +138,16 @@ class Calls:
         if self.shadow:
             try:  # in the background: the primary answer never waits for its shadow
                 current_app.add_background_task(self._shadow_copies)
-            except RuntimeError:  # outside the app (no background nursery): no shadow copies
-                pass
+            except RuntimeError:  # outside a request (a batch job): a task of its own
+                trio.lowlevel.spawn_system_task(self._shadow_copies_logged)
+
+    async def _shadow_copies_logged(self) -> None:
+        try:
+            await self._shadow_copies()
+        except Exception:  # noqa: BLE001 - a shadow copy never takes anything down with it
+            import logging
+
+            logging.getLogger("modelium.api").exception("shadow copies of %s failed", self.id)
 
     async def _shadow_copies(self) -> None:
         """Send a copy of each request to the alias's shadow model. Its frames are discarded;
@@ -172,10 +185,13 @@ class Calls:
 
 
 async def encode_once(system: Any, model: str, kind: str, req: Any, *, prefix: str, tenant: str = "",
-                      user: str = "", priority: int | None = None) -> Encoded:
-    """Run one embedding or classification request to its answer (a ModeliumError when it fails)."""
+                      user: str = "", priority: int | None = None, keep_alive_s: float | None = None,
+                      admin: bool | None = None) -> tuple[Encoded, str]:
+    """Run one embedding or classification request to its answer (a ModeliumError when it fails):
+    the answer and the model that gave it (an alias's version)."""
     calls = Calls(system, model, kind, [req], prefix=prefix, tenant=tenant, user=user,
-                  chars=[sum(len(t) for t in req.texts)], priority=priority)
+                  chars=[sum(len(t) for t in req.texts)], priority=priority, keep_alive_s=keep_alive_s,
+                  admin=admin)
     try:
         await calls.submit()
         item = await calls.next()
@@ -184,7 +200,7 @@ async def encode_once(system: Any, model: str, kind: str, req: Any, *, prefix: s
     frame = item[1] if item else Failed(kind=ErrorKind.internal, message="no answer")
     if isinstance(frame, Failed):
         raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
-    return frame
+    return frame, calls.model
 
 
 def usage(prompt: int, completion: int | None = None) -> dict[str, int]:
@@ -289,6 +305,9 @@ def create_app(system: Any) -> QuartTrio:
                 "kind": d.kind, "label": d.label, "fake": d.fake, "total_bytes": d.total_bytes,
                 "budget_bytes": d.budget_bytes, "reserved_bytes": sum(d.reserved.values()),
                 "used_bytes": (d.total_bytes - d.free_bytes) if d.free_bytes is not None else None,
+                # memory others' processes hold (last sample): it comes out of the configured budget
+                "foreign_bytes": d.foreign_bytes, "configured_budget_bytes": d.configured_budget_bytes or d.budget_bytes,
+                "unavailable": d.unavailable or None,  # why nothing is placed on it (DeviceHealth)
             }
         return jsonify({
             "server": {"version": modelium.__version__, "pid": os.getpid(),
@@ -298,6 +317,7 @@ def create_app(system: Any) -> QuartTrio:
                        "spare_workers": {name: getattr(b, "ready_spares", 0) for name, b in system.backends.items()}},
             "devices": devices,
             "models": models,
+            "external": external_api.external_status(system),  # endpoints and their health
         })
 
     def openai_model(m: Any) -> dict[str, Any]:
@@ -313,6 +333,7 @@ def create_app(system: Any) -> QuartTrio:
                 if m.state != "invalid" and m.spec is not None and not m.removed
                 and m.name not in settings.aliases]  # an alias hides a model of its name
         data += [alias_model(name, a) for name, a in sorted(check_aliases(settings.aliases).items())]
+        data = external_api.with_external_models(system, data)  # an external model hides a local one
         return jsonify({"object": "list", "data": data})
 
     def alias_model(name: str, a: Any) -> dict[str, Any]:
@@ -322,6 +343,8 @@ def create_app(system: Any) -> QuartTrio:
 
     @app.get("/v1/models/<path:name>")
     async def get_model(name: str):
+        if (ext := external_api.model_entry(system, name)) is not None:
+            return jsonify(ext)
         m = registry.models.get(name)
         if name in settings.aliases:
             return jsonify(alias_model(name, check_aliases(settings.aliases)[name]))
@@ -341,6 +364,7 @@ def create_app(system: Any) -> QuartTrio:
         out = model_summary(m)
         out["spec"] = msgspec.to_builtins(m.spec) if m.spec is not None else None
         out["fingerprint"] = m.fingerprint
+        out["last_load"] = dict(m.load_phases, load_s=m.load_s) if m.load_phases else None
         return jsonify(out)
 
     # ------------------------------------------------------------------ generation
@@ -405,6 +429,8 @@ def create_app(system: Any) -> QuartTrio:
 
     @app.post("/v1/completions")
     async def completions():
+        if (forwarded := await external_api.proxy(system, "completion")) is not None:
+            return forwarded  # the model is an external server's
         req: CompletionRequest = await body_of(CompletionRequest)
         req.check()
         prompts = req.prompts()
@@ -412,7 +438,7 @@ def create_app(system: Any) -> QuartTrio:
         n = req.n or 1
         calls = Calls(system, req.model, "completion", [req.to_request(p) for p in prompts], prefix="cmpl",
                       per=n, user=req.user or "", chars=[len(p) if isinstance(p, str) else 0 for p in prompts],
-                      priority=req.priority)
+                      priority=req.priority, keep_alive_s=req.keep_alive)
         cid = calls.id
 
         def head() -> dict[str, Any]:
@@ -441,13 +467,16 @@ def create_app(system: Any) -> QuartTrio:
 
     @app.post("/v1/chat/completions")
     async def chat():
+        if (forwarded := await external_api.proxy(system, "chat")) is not None:
+            return forwarded  # the model is an external server's
         req: ChatRequest = await body_of(ChatRequest)
         req.check()
         gen = req.to_request()
         created = int(time.time())
         n = req.n or 1
         calls = Calls(system, req.model, "chat", [gen], prefix="chatcmpl", per=n, user=req.user or "",
-                      chars=[sum(len(m.content) for m in gen.messages)], priority=req.priority)
+                      chars=[sum(len(m.content) for m in gen.messages)], priority=req.priority,
+                      keep_alive_s=req.keep_alive)
         cid = calls.id
 
         def head() -> dict[str, Any]:
@@ -486,27 +515,30 @@ def create_app(system: Any) -> QuartTrio:
     # ------------------------------------------------------------------ encoders
 
     async def encode(model: str, kind: str, req: Encode, prefix: str, tenant: str = "", user: str = "",
-                     priority: int | None = None) -> Encoded:
-        return await encode_once(system, model, kind, req, prefix=prefix, tenant=tenant, user=user, priority=priority)
+                     priority: int | None = None, keep_alive_s: float | None = None) -> tuple[Encoded, str]:
+        return await encode_once(system, model, kind, req, prefix=prefix, tenant=tenant, user=user, priority=priority,
+                                 keep_alive_s=keep_alive_s)
 
     @app.post("/v1/embeddings")
     async def embeddings():
+        if (forwarded := await external_api.proxy(system, "embedding")) is not None:
+            return forwarded  # the model is an external server's
         req: EmbeddingRequest = await body_of(EmbeddingRequest)
-        out = await encode(req.model, "embedding", req.to_request(), "embd", user=req.user or "",
-                           priority=req.priority)
+        out, used = await encode(req.model, "embedding", req.to_request(), "embd", user=req.user or "",
+                                 priority=req.priority, keep_alive_s=req.keep_alive)
         if req.dimensions is not None and req.dimensions != out.dim:
             raise ModeliumError(ErrorKind.bad_request, f"dimensions must be {out.dim} for this model "
                                                        "(it does not shorten its embeddings)", param="dimensions")
-        return jsonify({"object": "list", "model": req.model,
+        return jsonify({"object": "list", "model": used,
                         "data": embedding_objects(out, req.encoding_format),
                         "usage": usage(out.prompt_tokens)})
 
     async def classify_route():
         req: ClassifyRequest = await body_of(ClassifyRequest)
-        out = await encode(req.model, "classify", req.to_request(), "classify", user=req.user or "",
-                           priority=req.priority)
+        out, used = await encode(req.model, "classify", req.to_request(), "classify", user=req.user or "",
+                                 priority=req.priority, keep_alive_s=req.keep_alive)
         return jsonify({"id": "classify-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
-                        "model": req.model, "data": classifications(out),
+                        "model": used, "data": classifications(out),
                         "usage": usage(out.prompt_tokens, 0)})
 
     app.add_url_rule("/v1/classify", "classify_v1", classify_route, methods=["POST"])
@@ -527,16 +559,18 @@ def create_app(system: Any) -> QuartTrio:
                                     param="input")
             many = not isinstance(body.input, str)
             if task == "embedding":
-                out = await encode(name, "embedding", EmbeddingRequest(model=name, input=body.input).to_request(),
-                                   "predict", tenant, priority=body.priority)
+                out, _ = await encode(name, "embedding", EmbeddingRequest(model=name, input=body.input).to_request(),
+                                   "predict", tenant, priority=body.priority,
+                                   keep_alive_s=body.keep_alive)
                 vecs = [d["embedding"] for d in embedding_objects(out, "float")]
                 output: Any = vecs if many else vecs[0]
             else:
                 if not isinstance(body.input, (str, list)) or (isinstance(body.input, list) and not all(
                         isinstance(x, str) for x in body.input)):
                     raise ModeliumError(ErrorKind.bad_request, "classification takes text input", param="input")
-                out = await encode(name, "classify", ClassifyRequest(model=name, input=body.input).to_request(),
-                                   "predict", tenant, priority=body.priority)
+                out, _ = await encode(name, "classify", ClassifyRequest(model=name, input=body.input).to_request(),
+                                   "predict", tenant, priority=body.priority,
+                                   keep_alive_s=body.keep_alive)
                 res = [{"label": c["label"], "probs": c["probs"]} for c in classifications(out)]
                 output = res if many else res[0]
             u = usage(out.prompt_tokens)
@@ -561,6 +595,7 @@ def create_app(system: Any) -> QuartTrio:
                 creq.check()
                 gen, kind = creq.to_request(creq.prompts()[0]), "completion"
             calls = Calls(system, name, kind, [gen], prefix="predict", per=gen.n, tenant=tenant, priority=body.priority,
+                          keep_alive_s=body.keep_alive,
                           chars=[len(gen.prompt) + sum(len(m.content) for m in gen.messages)])
             acc = Generated(gen.n)
             try:
@@ -626,6 +661,16 @@ def classifications(out: Encoded) -> list[dict[str, Any]]:
             for i in range(out.count)]
 
 
+def estimate_correction(m: Any) -> dict[str, Any] | None:
+    """The correction learnt from measured loads of ``m``'s family, when its placement uses it
+    (this version never measured); None otherwise."""
+    ratio = getattr(m, "estimate_ratio", 1.0)
+    if m.spec is None or ratio == 1.0 or (m.measured_bytes and m.measured_fingerprint == m.fingerprint):
+        return None
+    return {"family": estimate_family(m.spec), "ratio": round(ratio, 4),
+            "bytes": needed_bytes(m.spec, 0, ratio)}
+
+
 def model_summary(m: Any) -> dict[str, Any]:
     spec = m.spec
     return {
@@ -640,6 +685,7 @@ def model_summary(m: Any) -> dict[str, Any]:
         "estimate_bytes": needed_bytes(spec) if spec else None,
         "estimate": msgspec.structs.asdict(estimate(spec)) if spec else None,
         "measured_bytes": (m.measured_bytes or None) if m.measured_fingerprint == m.fingerprint else None,
+        "estimate_correction": estimate_correction(m),
         "device": m.device,
         "bytes": m.bytes,
         "pending": len(m.pending),

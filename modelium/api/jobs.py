@@ -33,6 +33,7 @@ from modelium.api.app import (Calls, Generated, classifications, embedding_objec
                               usage)
 from modelium.api.errors import error_body, status_of, validation_error
 from modelium.api.principal import principal
+from modelium.core.routing import priority_for
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.core.messages import Failed, JobAccepted
@@ -105,11 +106,11 @@ async def execute_job(system: Any, job: Job) -> str:
         prompts = req.prompts()
         n = req.n or 1
         calls = Calls(system, req.model, "completion", [req.to_request(p) for p in prompts], prefix="cmpl",
-                      per=n, tenant=job.tenant, user=user,
+                      per=n, tenant=job.tenant, user=user, **_queueing(req),
                       chars=[len(p) if isinstance(p, str) else 0 for p in prompts])
         acc = await _generate(calls)
         answer: dict[str, Any] = {
-            "id": calls.id, "object": "text_completion", "created": int(time.time()), "model": req.model,
+            "id": calls.id, "object": "text_completion", "created": int(time.time()), "model": calls.model,
             "choices": [{"index": i, "text": acc.choice_text(i), "logprobs": None,
                          "finish_reason": finish_reason(acc.finish[i])} for i in range(len(acc.text))],
             "usage": usage(acc.prompt_tokens, acc.completion_tokens)}
@@ -117,25 +118,25 @@ async def execute_job(system: Any, job: Job) -> str:
         req.check()
         gen = req.to_request()
         calls = Calls(system, req.model, "chat", [gen], prefix="chatcmpl", per=req.n or 1, tenant=job.tenant,
-                      user=user, chars=[sum(len(m.content) for m in gen.messages)])
+                      user=user, chars=[sum(len(m.content) for m in gen.messages)], **_queueing(req))
         acc = await _generate(calls)
-        answer = {"id": calls.id, "object": "chat.completion", "created": int(time.time()), "model": req.model,
+        answer = {"id": calls.id, "object": "chat.completion", "created": int(time.time()), "model": calls.model,
                   "system_fingerprint": None,
                   "choices": [{"index": i, "message": {"role": "assistant", "content": acc.choice_text(i)},
                                "logprobs": None, "finish_reason": finish_reason(acc.finish[i])}
                               for i in range(len(acc.text))],
                   "usage": usage(acc.prompt_tokens, acc.completion_tokens)}
     elif kind == "embedding":
-        out = await _encode(system, req.model, "embedding", req.to_request(), "embd", job.tenant, user)
+        out, used = await _encode(system, req.model, "embedding", req, "embd", job.tenant, user)
         if req.dimensions is not None and req.dimensions != out.dim:
             raise ModeliumError(ErrorKind.bad_request, f"dimensions must be {out.dim} for this model "
                                                        "(it does not shorten its embeddings)", param="dimensions")
-        answer = {"object": "list", "model": req.model, "data": embedding_objects(out, req.encoding_format),
+        answer = {"object": "list", "model": used, "data": embedding_objects(out, req.encoding_format),
                   "usage": usage(out.prompt_tokens)}
     else:
-        out = await _encode(system, req.model, "classify", req.to_request(), "classify", job.tenant, user)
+        out, used = await _encode(system, req.model, "classify", req, "classify", job.tenant, user)
         answer = {"id": "classify-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
-                  "model": req.model, "data": classifications(out), "usage": usage(out.prompt_tokens, 0)}
+                  "model": used, "data": classifications(out), "usage": usage(out.prompt_tokens, 0)}
     return _json.encode(answer).decode()
 
 
@@ -153,8 +154,15 @@ async def _generate(calls: Calls) -> Generated:
     return acc
 
 
+def _queueing(req: Any) -> dict[str, Any]:
+    """The job's queue class and keep-alive; its priority was checked against its submitter's role
+    when it was accepted (``submit_job``), so the run does not ask again."""
+    return {"priority": req.priority, "keep_alive_s": req.keep_alive, "admin": True}
+
+
 async def _encode(system: Any, model: str, kind: str, req: Any, prefix: str, tenant: str, user: str) -> Any:
-    return await encode_once(system, model, kind, req, prefix=prefix, tenant=tenant, user=user)
+    return await encode_once(system, model, kind, req.to_request(), prefix=prefix, tenant=tenant, user=user,
+                             **_queueing(req))
 
 
 # ---------------------------------------------------------------------- the routes
@@ -206,6 +214,8 @@ def add_job_routes(app: QuartTrio, system: Any) -> None:
             raise ModeliumError(ErrorKind.shutting_down, "the server is shutting down; submit the job again later")
         kind, body, req = parse_job(await request.get_data())
         who = principal()
+        # the job's queue class is checked now, against its submitter (403 when it may not ask it)
+        priority_for(req.priority, who.tenant, req.priority is None or who.admin, system.settings.tenant_priorities)
         job_id = "job-" + uuid.uuid4().hex
         seq = system.log.publish(JobAccepted(job_id=job_id, kind=kind, body=json.dumps(body), tenant=who.tenant,
                                              user=getattr(req, "user", None) or ""))

@@ -258,6 +258,9 @@ class ModelSummary(_Open):
     estimate_bytes: int | None
     estimate: dict[str, Any] | None = Field(description="The memory estimate, by part")
     measured_bytes: int | None
+    estimate_correction: dict[str, Any] | None = Field(
+        None, description="The correction learnt from measured loads of the model's family (family, ratio, "
+                          "corrected bytes), when its placement uses it; null otherwise")
     device: str | None
     bytes: int
     pending: int = Field(ge=0)
@@ -276,6 +279,9 @@ class ModelSummaryList(_Open):
 class ModelDetail(ModelSummary):
     spec: dict[str, Any] | None = Field(description="What the folder's analysis found (null: not analysed)")
     fingerprint: str
+    last_load: dict[str, Any] | None = Field(
+        None, description="The last load's seconds (load_s in all: worker_s, build_s, weights_s, warmup_s) "
+                          "and its loader (safetensors, fastsafetensors, from_pretrained); null before the first")
 
 
 class PredictLabel(_Wire):

@@ -8,18 +8,28 @@ or :class:`~modelium.core.messages.Encode`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.core.messages import ChatMessage, Encode, Generation
 from modelium.core.routing import PRIORITY_LIMIT
+from modelium.core.traffic import keep_alive_seconds
 
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_N = 128
 MAX_INPUTS = 2048
 MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; bigger numbers cannot even travel to a worker
+
+
+def _keep_alive(v: float | str | None) -> float | None:
+    return None if v is None else keep_alive_seconds(v)
+
+
+# Ollama's ``keep_alive``: how long the model stays loaded once idle after this request (seconds or
+# a duration such as "5m"; negative: for ever; 0: unload once idle); validated to seconds (-1: for ever)
+KeepAlive = Annotated[Annotated[float, Field(strict=True)] | str | None, AfterValidator(_keep_alive)]
 
 
 def _token_ids_ok(ids: list[int]) -> bool:
@@ -54,6 +64,7 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, max_length=256)
     priority: int | None = Field(None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)  # Modelium: queue class
+    keep_alive: KeepAlive = None  # Ollama's: seconds or a duration the model stays loaded once idle
 
     @field_validator("stop")
     @classmethod
@@ -272,6 +283,7 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = Field(None, ge=1, strict=True)
     user: str | None = Field(None, max_length=256)
     priority: int | None = Field(None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)  # Modelium: queue class
+    keep_alive: KeepAlive = None  # Ollama's: seconds or a duration the model stays loaded once idle
 
     def to_request(self) -> Encode:
         texts, ids = _inputs(self.input)
@@ -284,6 +296,7 @@ class ClassifyRequest(BaseModel):
     input: str | list[str]
     user: str | None = Field(None, max_length=256)
     priority: int | None = Field(None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)  # Modelium: queue class
+    keep_alive: KeepAlive = None  # Ollama's: seconds or a duration the model stays loaded once idle
 
     def to_request(self) -> Encode:
         texts, _ = _inputs(self.input)
@@ -301,6 +314,7 @@ class PredictBody(BaseModel):
     input: Inputs | None = None
     organizationId: str | None = Field(None, max_length=256)
     priority: int | None = Field(None, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)  # Modelium: queue class
+    keep_alive: KeepAlive = None  # Ollama's: seconds or a duration the model stays loaded once idle
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, strict=True)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)

@@ -79,7 +79,8 @@ def add_websocket_routes(app: Any, system: Any) -> None:
 
         async def run_one(rid: str, op: str, body: Any) -> None:
             if op in ("embedding", "classify"):
-                frame = await encode_once(system, body.model, op, body.to_request(), prefix="ws")
+                frame, _ = await encode_once(system, body.model, op, body.to_request(), prefix="ws",
+                                             priority=body.priority, keep_alive_s=body.keep_alive)
                 data = embedding_objects(frame, getattr(body, "encoding_format", "float")) if op == "embedding" \
                     else classifications(frame)
                 emit({"id": rid, "type": "result", "data": data, "usage": usage(frame.prompt_tokens)})
@@ -91,7 +92,8 @@ def add_websocket_routes(app: Any, system: Any) -> None:
             else:
                 reqs = [msgspec.structs.replace(body.to_request(), stream=True)]
             n = reqs[0].n
-            calls = Calls(system, body.model, op, reqs, prefix="ws", per=n)
+            calls = Calls(system, body.model, op, reqs, prefix="ws", per=n, priority=body.priority,
+                          keep_alive_s=body.keep_alive)
             finish = [None] * (len(reqs) * n)
             prompt_tokens = completion_tokens = 0
             try:

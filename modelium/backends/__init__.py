@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # name -> "module:Class"; imported on first use (a backend may need packages others do not)
-BACKENDS = {"transformers": "modelium.backends.hf:HFBackend"}
+BACKENDS = {"transformers": "modelium.backends.hf:HFBackend", "vllm": "modelium.backends.vllm:VLLMBackend"}
 
 
 def backend_class(name: str) -> Any:

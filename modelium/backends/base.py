@@ -50,7 +50,8 @@ class Worker(Protocol):
     def memory_bytes(self) -> int: ...
 
     @property
-    def memory_source(self) -> str: ...  # "rss" (the whole process) or "cuda" (torch's reserved bytes)
+    def memory_source(self) -> str: ...  # "rss" (the whole process), "cuda" (torch's reserved bytes)
+    # or "reserved" (a server's whole share, taken at start: vLLM)
 
     @property
     def exited(self) -> bool: ...

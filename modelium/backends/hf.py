@@ -28,6 +28,7 @@ every worker would be SIGKILLed ten seconds after its start. The fork+exec takes
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -79,6 +80,11 @@ class BackendError(Exception):
         self.reason = reason
         self.kind = kind
         self._public = public
+        # a load the worker failed: its error kind ("oom": out of device memory, asking for
+        # asked_bytes with free_bytes free)
+        self.error_kind = ""
+        self.asked_bytes = 0
+        self.free_bytes = 0
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.reason}"
@@ -192,6 +198,7 @@ class HFWorker:
         self.hello_at: float | None = None  # trio.current_time() when the hello arrived
         self.loaded: ModelLoaded | None = None
         self.from_spare = False  # acquire() handed out a worker that was warm already
+        self.spare_device = "cpu"  # the device a spare was prepared for ("cuda:N": its CUDA context exists)
         self.returncode: int | None = None
         self._on_exit = on_exit
         self._jobs: dict[int, HFJob] = {}
@@ -326,8 +333,10 @@ class HFWorker:
                 job.end(msg)
         elif isinstance(msg, Failed):  # id 0: the load
             if self._load_slot is not None:
-                self._load_slot.fail(BackendError(msg.detail or msg.message, kind="load",
-                                                  public=f"the model failed to load: {msg.message}"))
+                error = BackendError(msg.detail or msg.message, kind="load",
+                                     public=f"the model failed to load: {msg.message}")
+                error.error_kind, error.asked_bytes, error.free_bytes = msg.kind, msg.asked_bytes, msg.free_bytes
+                self._load_slot.fail(error)
             else:
                 log.warning("worker %d: error outside a load: %s", self.pid, msg.detail or msg.message)
         elif isinstance(msg, ModelLoaded):
@@ -554,7 +563,7 @@ def msgspec_replace_id(frame: Failed, id: int) -> Failed:
 
 
 class HFBackend:
-    """Spawns transformers workers and keeps ``spares`` of them warm.
+    """Spawns transformers workers and keeps ``spares`` of them warm for each of ``devices``.
 
     ``env`` holds extra environment variables for the workers (on top of this process's).
     ``tag`` goes on every worker's command line (``--tag``) so that a later server can find
@@ -566,7 +575,10 @@ class HFBackend:
     def __init__(self, *, spares: int = 1, tag: str = "", python: str = sys.executable,
                  env: dict | None = None, hello_timeout_s: float = 180.0, stop_grace_s: float = 2.0,
                  max_batch: int = 64, encode_batch: int = 32, batch_wait_ms: float = 2.0,
-                 refill_delay_s: float = 1.0, cpu_threads: int = 0):
+                 refill_delay_s: float = 1.0, cpu_threads: int = 0, devices: list[str] | None = None):
+        # ``spares`` warm spares are kept per device ("cpu", "cuda:N"): a GPU's spare has its CUDA
+        # context already; a CPU spare stands in for a device whose own spares are all taken
+        self.spare_devices = list(dict.fromkeys(devices or ["cpu"]))
         self.cpu_threads = cpu_threads  # torch threads of a worker on the CPU (0: see cpu_threads_for)
         self.refill_delay_s = refill_delay_s
         self._refill_after = 0.0
@@ -585,7 +597,7 @@ class HFBackend:
         self._starting: list[HFWorker] = []  # spares waiting for their hello
         self._changed = trio.Event()
         self._spawn_failures = 0
-        self._cooling = 0  # failed spares backing off before their replacement starts
+        self._cooling: collections.Counter[str] = collections.Counter()  # failed spares backing off, per device
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -606,15 +618,22 @@ class HFBackend:
         self.spares = max(0, n)
         self._notify()
 
-    async def wait_ready(self, n: int | None = None) -> None:
-        """Wait until ``n`` (default: ``spares``) warm spares are ready."""
+    async def wait_ready(self, n: int | None = None, device: str | None = None) -> None:
+        """Wait until ``n`` (default: ``spares``) warm spares are ready (for ``device``, when given)."""
         n = self.spares if n is None else n
-        while self.ready_spares < n:
+        while sum(1 for w in self._ready if not w.exited and device in (None, w.spare_device)) < n:
             await self._changed.wait()
+
+    def _short_of_spares(self) -> str | None:
+        """The first device with fewer than ``spares`` spares (ready, starting or cooling down)."""
+        for d in self.spare_devices:
+            if sum(1 for w in (*self._ready, *self._starting) if w.spare_device == d) + self._cooling[d] < self.spares:
+                return d
+        return None
 
     # -- processes ------------------------------------------------------------------------------
 
-    def _spawn(self, *, spare: bool = False) -> HFWorker:
+    def _spawn(self, *, spare: bool = False, device: str = "cpu") -> HFWorker:
         """Start one worker process (from the trio thread: see the module's docstring). A spare
         warms up on idle CPU time only (see ``hf_worker.set_idle_priority``)."""
         if self._nursery is None:
@@ -625,7 +644,8 @@ class HFBackend:
         # workers on the machine: workers' threads sleep instead (unless told otherwise)
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         cmd = [self.python, "-m", WORKER_MODULE, "--fd", str(child_sock.fileno()),
-               "--parent", str(os.getpid()), "--tag", self.tag, *(["--idle"] if spare else [])]
+               "--parent", str(os.getpid()), "--tag", self.tag, *(["--idle"] if spare else []),
+               *(["--device", device] if spare and device != "cpu" else [])]
         try:
             popen = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
@@ -643,6 +663,7 @@ class HFBackend:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
         worker = HFWorker(popen, TrioChannel(stream, FromWorker), trio.lowlevel.FdStream(read_fd),
                           tag=self.tag, on_exit=self._worker_exited)
+        worker.spare_device = device
         self._workers.add(worker)
         worker._start(self._nursery)
         log.debug("spawned worker %d", worker.pid)
@@ -656,13 +677,13 @@ class HFBackend:
 
     async def _keep_spares(self) -> None:
         while True:
-            if len(self._ready) + len(self._starting) + self._cooling < self.spares:
+            if self._short_of_spares() is not None:
                 # a spare just taken is loading and answering its first requests: its
                 # replacement starts a moment later, so as not to compete with them
                 await trio.sleep_until(self._refill_after)
-            while len(self._ready) + len(self._starting) + self._cooling < self.spares:
+            while (device := self._short_of_spares()) is not None:
                 try:
-                    worker = self._spawn(spare=True)
+                    worker = self._spawn(spare=True, device=device)
                 except BackendError as e:
                     log.error("cannot start a spare worker: %s", e.reason)
                     await self._backoff()
@@ -684,11 +705,11 @@ class HFBackend:
             if worker in self._starting:  # acquire() reports its own failures
                 log.error("a spare worker failed to start: %s", e.reason)
                 self._starting.remove(worker)
-                self._cooling += 1  # holds the failed spare's place while we back off
+                self._cooling[worker.spare_device] += 1  # holds the failed spare's place while we back off
                 try:
                     await self._backoff()
                 finally:
-                    self._cooling -= 1
+                    self._cooling[worker.spare_device] -= 1
                     self._notify()
             return
         self._spawn_failures = 0
@@ -705,18 +726,26 @@ class HFBackend:
         await worker.wait_hello(self.hello_timeout_s)
         return worker
 
-    async def acquire(self) -> HFWorker:
-        """A worker that has said hello: a warm spare if there is one, else a new one."""
+    async def acquire(self, device: str = "cpu") -> HFWorker:
+        """A worker that has said hello: a warm spare if there is one (one prepared for ``device``
+        first, else a CPU one), else a new one."""
         if self._nursery is None:
             raise RuntimeError("HFBackend.run() is not running")
-        while self._ready:
+        fits = (device, "cpu")
+
+        def rank(w: HFWorker) -> int:
+            return fits.index(w.spare_device) if w.spare_device in fits else 2
+
+        self._ready.sort(key=rank)  # stable: oldest first within each rank
+        self._starting.sort(key=rank)
+        while self._ready and self._ready[0].spare_device in fits:
             worker = self._ready.pop(0)
             if not worker.exited:
                 worker.from_spare = True
                 self._refill_after = trio.current_time() + self.refill_delay_s
                 self._notify()  # refill
                 return worker
-        if self._starting:  # half-way there beats starting from nothing
+        if self._starting and self._starting[0].spare_device in fits:  # half-way there beats starting from nothing
             worker = self._starting.pop(0)
             set_idle_priority(False, worker.pid)  # a load waits for it: full priority now
             self._notify()
@@ -739,6 +768,7 @@ class HFBackend:
             max_input=spec.max_context if encoder else 0,
             max_batch=self.encode_batch if encoder else self.max_batch, batch_wait_ms=self.batch_wait_ms,
             threads=self.cpu_threads_for(spec.task) if device.torch_device == "cpu" else 0,
+            fake_oom_bytes=device.fake_oom_bytes,
         )
 
     def cpu_threads_for(self, task: str) -> int:
@@ -751,9 +781,10 @@ class HFBackend:
         return cores if task in ("embedding", "classification") else max(1, cores - 1)
 
     async def start(self, spec: ModelSpec, device: DeviceInfo, grant: int) -> HFWorker:
-        """A worker (a warm spare when there is one) with ``spec`` loaded on ``device``. The grant
-        is not enforced by this backend yet; the worker's measured memory is in ``loaded``."""
-        worker = await self.acquire()
+        """A worker (a warm spare when there is one) with ``spec`` loaded on ``device``. The
+        worker's measured memory is in ``loaded``; the runner holds it to ``grant`` once loaded
+        (``memory_watch_s``), and a device out of memory fails the load with ``error_kind`` "oom"."""
+        worker = await self.acquire(device.torch_device)
         try:
             await worker.load(self.load_message(spec, device))
         except BaseException:

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -51,7 +52,9 @@ from typing import Any
 
 import msgspec
 
+from modelium.backends import fastload
 from modelium.backends.framing import FrameError, SyncChannel, encode_frame
+from modelium.hardware import format_bytes, parse_bytes
 from modelium.core.messages import (
     CancelJob,
     Done,
@@ -161,9 +164,27 @@ def import_libraries():
     import transformers.modeling_utils  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
+    try:  # what the direct loader (modelium.backends.fastload) uses
+        import accelerate  # noqa: F401
+        import safetensors.torch  # noqa: F401
+        import transformers.initialization  # noqa: F401
+    except ImportError:
+        pass
+
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return torch, transformers
+
+
+def prepare_device(device: str, torch: Any) -> None:
+    """What a load on ``device`` would otherwise pay first: CUDA's initialisation and the device's
+    context (a tiny allocation creates it), so that a spare kept for a GPU loads at once."""
+    dev = parse_device(device, torch)
+    if dev.startswith("cuda"):
+        torch.cuda.init()
+        torch.cuda.set_device(torch.device(dev))
+        torch.empty(1, device=dev).add_(1)
+        torch.cuda.synchronize(dev)
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,6 +194,41 @@ def import_libraries():
 
 class LoadError(Exception):
     pass
+
+
+class OutOfDeviceMemory(LoadError):
+    """The device ran out of memory during the load: it was asked for ``asked`` bytes and had
+    ``free`` bytes free (0 when unknown)."""
+
+    def __init__(self, device: str, asked: int, free: int):
+        super().__init__(f"out of memory on {device}: the load asked for {format_bytes(asked)} with "
+                         f"{format_bytes(free)} free")
+        self.asked = asked
+        self.free = free
+
+
+_CUDA_ASKED = re.compile(r"Tried to allocate ([0-9.]+) ?([KMGT]i?B|B|bytes)")
+
+
+def cuda_oom(exc: BaseException, device: str, torch: Any) -> OutOfDeviceMemory | None:
+    """``exc`` as :class:`OutOfDeviceMemory` when it is torch's CUDA out-of-memory error (the
+    bytes asked for from its message, the free bytes from the device), else None."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if isinstance(t, type))
+    if not oom_types or not isinstance(exc, oom_types):
+        return None
+    asked = 0
+    if m := _CUDA_ASKED.search(str(exc)):
+        try:
+            asked = parse_bytes(m.group(1) + m.group(2).replace("bytes", "B"))
+        except ValueError:
+            asked = 0
+    free = 0
+    try:
+        free = int(torch.cuda.mem_get_info(torch.device(device))[0])
+    except Exception:  # noqa: BLE001 - the free figure is best effort
+        free = 0
+    return OutOfDeviceMemory(device, asked, free)
 
 
 class JobError(Exception):
@@ -340,6 +396,39 @@ def _model_class(task: str, transformers: Any) -> Any:
                     f"(it serves {', '.join(CAUSAL_TASKS + SEQ2SEQ_TASKS + ENCODER_TASKS)})")
 
 
+def read_model(msg: LoadModel, path: Path, model_cls: Any, config: Any, dtype: Any, device: str,
+               torch: Any, transformers: Any) -> tuple[Any, str, float, float]:
+    """The model with its weights on ``device``: (model, loader, build seconds, weights seconds).
+    Straight from its safetensors (:mod:`modelium.backends.fastload`) unless the message asks for
+    ``from_pretrained`` or the direct loader cannot load it exactly; the log says which and why."""
+    loader = msg.loader or fastload.DEFAULT_LOADER
+    if loader not in fastload.LOADERS:
+        raise LoadError(f"unknown loader {loader!r}; choose one of {', '.join(fastload.LOADERS)}")
+    if loader != "from_pretrained":
+        try:
+            d = fastload.load_direct(path, model_cls, config, dtype=dtype, device=device, torch=torch,
+                                     loader=loader, trust_remote_code=msg.trust_remote_code)
+            log.info("weights read by %s: %d tensors from %d file(s) in %.3fs (model built in %.3fs)",
+                     d.loader, d.tensors, d.files, d.weights_s, d.build_s)
+            return d.model, d.loader, d.build_s, d.weights_s
+        except fastload.Unsupported as e:
+            log.info("loading with from_pretrained: the %s loader cannot load this model: %s", loader, e)
+        if device.startswith("cuda"):  # what a direct load that gave up held (its traceback is gone now)
+            torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = dict(config=config, dtype=dtype, local_files_only=True,
+                                  trust_remote_code=msg.trust_remote_code)
+    # transformers builds the model on the meta device and loads the safetensors into it; with
+    # accelerate it can also place the weights straight onto the GPU, else they go via CPU.
+    if device != "cpu" and transformers.utils.is_accelerate_available():
+        kwargs["device_map"] = device
+    model = model_cls.from_pretrained(path, **kwargs)
+    if str(model.device) != device:
+        model = model.to(device)
+    model.eval()
+    return model, "from_pretrained", 0.0, time.perf_counter() - t0
+
+
 def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, ModelLoaded]:
     import inspect
 
@@ -357,15 +446,13 @@ def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, M
     config = transformers.AutoConfig.from_pretrained(path, **common)
     dtype = choose_dtype(msg.dtype, weights_dtype(path, config), device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, **common)
-    kwargs: dict[str, Any] = dict(config=config, dtype=getattr(torch, dtype), **common)
-    # transformers builds the model on the meta device and loads the safetensors into it; with
-    # accelerate it can also place the weights straight onto the GPU, else they go via CPU.
-    if device != "cpu" and transformers.utils.is_accelerate_available():
-        kwargs["device_map"] = device
-    model = model_cls.from_pretrained(path, **kwargs)
-    if str(model.device) != device:
-        model = model.to(device)
-    model.eval()
+    model, loader, _, weights_s = read_model(msg, path, model_cls, config, getattr(torch, dtype), device,
+                                             torch, transformers)
+    build_s = time.perf_counter() - t0 - weights_s  # config, tokenizer and the empty model
+    if msg.fake_oom_bytes:  # a fake GPU that runs out of memory (modelium.hardware): as CUDA would
+        held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        if held > msg.fake_oom_bytes:
+            raise OutOfDeviceMemory("the fake GPU", held, msg.fake_oom_bytes)
 
     gen = getattr(model, "generation_config", None)
     eos = gen.eos_token_id if gen is not None and gen.eos_token_id is not None else tokenizer.eos_token_id
@@ -424,7 +511,7 @@ def load_model(msg: LoadModel, torch: Any, transformers: Any) -> tuple[Loaded, M
         load_s=time.perf_counter() - t0, param_count=sum(p.numel() for p in model.parameters()),
         device=device, dtype=str(model.dtype).removeprefix("torch."), memory_bytes=memory,
         memory_source=source, context=context if context < NO_LIMIT else 0, max_token_chars=state.token_chars,
-        labels=state.labels, dim=state.dim,
+        labels=state.labels, dim=state.dim, build_s=build_s, weights_s=weights_s, loader=loader,
     )
     return state, reply
 
@@ -1417,11 +1504,17 @@ class Worker:
         log.info("loading %s (task %s) on %s, dtype %s", msg.path, msg.task, msg.device, msg.dtype)
         try:
             state, reply = load_model(msg, self.torch, self.transformers)
+        except OutOfDeviceMemory as e:
+            self._load_oom(e, msg)
+            return
         except LoadError as e:
             log.error("load failed: %s", e)
             self._load_failed(str(e), f"{e} ({msg.path})")
             return
         except Exception as e:
+            if (oom := cuda_oom(e, msg.device, self.torch)) is not None:
+                self._load_oom(oom, msg)
+                return
             log.exception("load failed")
             self._load_failed(f"its files could not be loaded ({type(e).__name__}; the server log has the details)",
                               f"{type(e).__name__}: {e}")
@@ -1433,6 +1526,12 @@ class Worker:
         self.threads = msg.threads
         self._handoff = (engine, state, reply)
         self._loaded.set()  # the main thread warms it up and serves it
+
+    def _load_oom(self, e: OutOfDeviceMemory, msg: LoadModel) -> None:
+        log.error("load failed: %s", e)
+        self.loading = False
+        self._send(Failed(id=0, kind="oom", message=str(e), detail=f"{e} ({msg.path})",
+                          asked_bytes=e.asked, free_bytes=e.free))
 
     def _load_failed(self, message: str, detail: str = "") -> None:
         """``message`` is fit for clients (no paths); ``detail`` is for the operator."""
@@ -1506,6 +1605,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parent", type=int, required=True, help="pid of the server that started us")
     ap.add_argument("--tag", default="", help="opaque: lets the server find its orphans")
     ap.add_argument("--idle", action="store_true", help="a spare: warm up on idle CPU time only")
+    ap.add_argument("--device", default="", help="a spare for this device: cuda:N gets its CUDA context now")
     args = ap.parse_args(argv)
     if args.idle:
         set_idle_priority(True)
@@ -1524,11 +1624,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     torch, transformers = import_libraries()
     cuda = bool(torch.cuda.is_available())
+    if args.device.startswith("cuda"):
+        try:
+            prepare_device(args.device, torch)
+        except Exception as e:  # noqa: BLE001 - the load reports the device's trouble, if any
+            log.warning("cannot prepare %s ahead of a load: %s", args.device, e)
     log.debug("libraries imported in %.2fs (tag %r)", time.perf_counter() - t0, args.tag)
 
     worker = Worker(chan, torch, transformers)
     try:
-        chan.send(WorkerHello(pid=os.getpid(), torch=str(torch.__version__), cuda=cuda))
+        chan.send(WorkerHello(pid=os.getpid(), torch=str(torch.__version__), cuda=cuda, device=args.device))
     except OSError as e:
         log.error("cannot greet the server (%s); exiting", e)
         _exit(1)

@@ -13,6 +13,9 @@ What a model folder is
     safetensors are present. GGUF and ONNX folders are refused (not supported yet).
     A sentence-transformers folder (``modules.json``) is an embedding model; its pooling comes
     from the Pooling module's ``config.json``.
+    A ``modelium.yaml`` beside the files holds the model's own settings: ``backend: vllm`` (or
+    ``transformers``) overrides the backend the analysis would choose; an unknown backend or
+    setting makes the folder invalid.
 
 Which files are looked at
     Dot-files and dot-folders (``.git``, ``.cache``, ``.gitattributes`` ...) are skipped
@@ -45,7 +48,7 @@ from modelium.core.messages import ModelSpec
 __all__ = [
     "Invalid", "AnalysisOptions", "FolderState", "sanitize_name", "fingerprint", "scan_root",
     "diff", "analyse", "read_safetensors_header", "SafetensorsError",
-    "VLLM_ARCHITECTURES", "DTYPE_BITS",
+    "VLLM_ARCHITECTURES", "DTYPE_BITS", "implied_params",
 ]
 
 MAX_DEPTH = 8  # folder levels walked below a model folder
@@ -105,6 +108,12 @@ _NOT_WEIGHTS = re.compile(
 )
 _SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+# a model folder's own settings: ``modelium.yaml`` beside its files (read by _model_settings)
+MODEL_SETTINGS_FILE = "modelium.yaml"
+MODEL_SETTINGS_LIMIT = 64 * 2**10
+KNOWN_BACKENDS = ("transformers", "vllm")  # the names of modelium.backends.BACKENDS
+VLLM_TASKS = ("text-generation", "chat", "embedding")  # what the vLLM backend serves
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,6 +590,85 @@ def _kv_bytes_per_token(config: Mapping, model_type: str, dtype_bytes: int,
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
+# dense transformer stacks whose size config.json fully states: a gated MLP (gate, up, down
+# projections) or a plain one (in, out). Other kinds (MoE, multimodal, odd layouts) are not checked.
+_GATED_MLP_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo", "olmo2", "phi3",
+    "stablelm", "internlm2", "cohere",
+})
+_PLAIN_MLP_TYPES = frozenset({
+    "gpt2", "gpt_neox", "gptj", "gpt_bigcode", "starcoder2", "phi", "bert", "roberta", "xlm-roberta",
+})
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+CONFIG_MISMATCH_FACTOR = 2  # config.json may imply up to this many times the stored parameters
+
+
+def implied_params(config: Mapping, model_type: str) -> tuple[int, str] | None:
+    """A lower bound on the parameters ``config`` describes, and the config figures it rests on;
+    None for a kind this does not know, or a config that does not state every figure needed.
+
+    Counted: the token embedding and, in each layer, the attention projections and the MLP;
+    not counted: a separate LM head (it may be tied to the embedding), learned positions,
+    biases and norms. A model whose weights match its config holds at least this many."""
+    gated = model_type in _GATED_MLP_TYPES
+    if not gated and model_type not in _PLAIN_MLP_TYPES:
+        return None
+    if any(config.get(k) for k in _MOE_KEYS) or isinstance(config.get("quantization_config"), dict):
+        return None
+    hidden = _first_int(config, "hidden_size", "n_embd", "d_model")
+    layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    vocab = _first_int(config, "vocab_size", "padded_vocab_size")
+    heads = _first_int(config, "num_attention_heads", "n_head", "num_heads", "n_heads")
+    inter = _first_int(config, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+    if inter is None and model_type in ("gpt2", "gptj", "gpt_bigcode") and hidden:
+        inter = 4 * hidden  # their n_inner defaults to 4 x n_embd
+    if not (hidden and layers and vocab and heads and inter):
+        return None
+    kv_heads = _first_int(config, "num_key_value_heads", "num_kv_heads", "n_head_kv")
+    if kv_heads is None and config.get("multi_query") is True:
+        kv_heads = 1
+    kv_heads = kv_heads or heads
+    head_dim = _first_int(config, "head_dim") or hidden // heads
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    per_layer = 2 * hidden * q_dim + 2 * hidden * kv_dim + (3 if gated else 2) * hidden * inter
+    total = vocab * hidden + layers * per_layer
+    figures = (f"hidden_size {hidden}, {layers} layers, vocab_size {vocab}, "
+               f"intermediate_size {inter}, {heads} attention heads")
+    return total, figures
+
+
+def _check_config_against_weights(config: Mapping, model_type: str, params_per_dtype: Mapping[str, int],
+                                  tensor_names: list[str], notes: list[str]) -> None:
+    """Raise :class:`_Bad` when config.json describes a larger model than the safetensors hold:
+    loading builds the model config.json describes (the weights missing from the files are
+    initialised at random), so its memory follows config.json, not the files. Tolerant: kinds
+    it does not know, quantized weights and configs that omit a figure are not checked."""
+    held = sum(params_per_dtype.values())
+    floats = sum(n for d, n in params_per_dtype.items() if d in _FLOAT_DTYPES)
+    if not held or floats < 0.9 * held:
+        return  # packed or integer weights: element counts are not parameter counts
+    implied = implied_params(config, model_type)
+    if implied is not None:
+        count, figures = implied
+        if count > CONFIG_MISMATCH_FACTOR * held:
+            raise _Bad(f"config.json implies {count:.2g} parameters ({figures}) but the safetensors "
+                       f"hold {held:.2g}: config.json does not describe these weights (loading it "
+                       "would build the larger model); fix config.json or the weights")
+    if model_type not in _GATED_MLP_TYPES and model_type not in _PLAIN_MLP_TYPES:
+        return
+    layers = _first_int(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    indices = {int(m.group(1)) for n in tensor_names if (m := _LAYER_INDEX.search(n))}
+    if layers and indices:
+        stored = max(indices) + 1
+        if layers > stored:
+            raise _Bad(f"config.json says {layers} layers but the safetensors hold {stored} "
+                       f"(layer indices 0-{stored - 1}): config.json does not describe these "
+                       "weights (loading it would add layers with random weights)")
+        if layers < stored:
+            notes.append(f"the safetensors hold {stored} layers, config.json uses {layers}")
+
+
 # --------------------------------------------------------------------------------------------
 # analyse
 # --------------------------------------------------------------------------------------------
@@ -634,6 +722,7 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
     except OSError as e:
         raise _Bad(f"cannot list the folder {path}: {e.strerror or e}") from None
     files = set(top)
+    own = _model_settings(folder) if MODEL_SETTINGS_FILE in files else {}
 
     # sentence-transformers layout: modules.json names the transformer and pooling modules
     model_dir, st_pooling, st_pooling_note = folder, "", ""
@@ -742,12 +831,13 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
     params_per_dtype: dict[str, int] = {}
     param_count = weight_bytes = 0
     weight_files: list[str] = []
+    tensor_names: list[str] = []
     if safetensors:
         if weight_pickles or pickles:
             shown = ", ".join(pickles[:4]) + (" ..." if len(pickles) > 4 else "")
             notes.append(f"{len(pickles)} pickle file(s) ignored because safetensors are present: {shown}")
         counted = _safetensors_weights(model_dir, sub, files, safetensors, notes)
-        weight_files = counted.files
+        weight_files, tensor_names = counted.files, counted.names
         for dtype, numel, nbytes in counted.tensors:
             params_per_dtype[dtype] = params_per_dtype.get(dtype, 0) + numel
             bytes_per_dtype[dtype] = bytes_per_dtype.get(dtype, 0) + nbytes
@@ -841,6 +931,9 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
         notes.append(f"quantized ({quant.get('quant_method', 'unknown method')}): param_count "
                      "counts stored (packed) elements")
 
+    if tensor_names:
+        _check_config_against_weights(config, model_type, params_per_dtype, tensor_names, notes)
+
     kv_per_token = _kv_bytes_per_token(config, model_type, dtype_bytes, notes) if decoder else 0
 
     if options.concurrency < 1:
@@ -875,6 +968,12 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
             notes.append("backend transformers: vLLM is not installed")
         else:
             notes.append(f"backend transformers: {arch or 'this architecture'} is not on the vLLM list")
+    if "backend" in own:  # the folder's own choice wins
+        backend = own["backend"]
+        if backend == "vllm" and task not in VLLM_TASKS:
+            raise _Bad(f"{MODEL_SETTINGS_FILE}: backend vllm serves {', '.join(VLLM_TASKS)}, not {task}")
+        notes[:] = [n for n in notes if not n.startswith("backend ")]
+        notes.append(f"backend {backend}: chosen by {MODEL_SETTINGS_FILE}")
 
     license, tags = _front_matter(folder, notes) if "README.md" in top else ("", [])
     return ModelSpec(
@@ -891,6 +990,35 @@ def _analyse(folder: Path, path: str, name: str, fp: str, root: Path | None,
         trust_remote_code=trust_remote_code, max_token_chars=token_chars, normalize=normalize,
         subfolder=sub.rstrip("/"),
     )
+
+
+def _model_settings(folder: Path) -> dict[str, Any]:
+    """The folder's ``modelium.yaml``: a mapping of the model's own settings. Only ``backend``
+    (one of :data:`KNOWN_BACKENDS`) is known so far; anything else is refused with the reason."""
+    label = MODEL_SETTINGS_FILE
+    path = folder / label
+    try:
+        if path.stat().st_size > MODEL_SETTINGS_LIMIT:
+            raise _Bad(f"{label} is over the {MODEL_SETTINGS_LIMIT} byte limit")
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise _Bad(f"{label}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise _Bad(f"{label} is not UTF-8 text (byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _Bad(f"{label} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _Bad(f"{label} must hold a mapping of settings (backend: ...), not a {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k != "backend")
+    if unknown:
+        raise _Bad(f"{label}: unknown setting(s) {', '.join(map(repr, unknown))} (known: backend)")
+    if "backend" in data and data["backend"] not in KNOWN_BACKENDS:
+        raise _Bad(f"{label}: unknown backend {data['backend']!r} (known: {', '.join(KNOWN_BACKENDS)})")
+    return dict(data)
 
 
 def _max_token_chars(path: Path) -> int:
@@ -912,6 +1040,7 @@ def _max_token_chars(path: Path) -> int:
 class _Counted(NamedTuple):
     files: list[str]
     tensors: list[tuple[str, int, int]]  # (dtype, numel, nbytes) of each tensor counted once
+    names: list[str]  # the tensors' names, in the same order
 
 
 def _safetensors_weights(model_dir: Path, sub: str, files: set[str], safetensors: list[str],
@@ -942,6 +1071,7 @@ def _safetensors_weights(model_dir: Path, sub: str, files: set[str], safetensors
             raise _Bad(f"{label} names shard {missing[0]!r} (for {len(by_shard[missing[0]])} "
                        f"tensors, e.g. {by_shard[missing[0]][0]!r}) but that file is missing{more}")
         counted: list[tuple[str, int, int]] = []
+        names: list[str] = []
         seen: dict[str, str] = {}
         extra = dups = 0
         for s in shards:
@@ -960,6 +1090,7 @@ def _safetensors_weights(model_dir: Path, sub: str, files: set[str], safetensors
                     extra += 1
                 seen[tensor] = s
                 counted.append(info)
+                names.append(tensor)
         if extra:
             notes.append(f"{extra} tensor(s) in the shards are not in {index_name}'s weight_map "
                          "(counted)")
@@ -968,7 +1099,7 @@ def _safetensors_weights(model_dir: Path, sub: str, files: set[str], safetensors
         unused = [f for f in safetensors if f not in by_shard]
         if unused:
             notes.append(f"{', '.join(unused[:3])} ignored: not named by {index_name}")
-        return _Counted(shards, counted)
+        return _Counted(shards, counted, names)
 
     shard_like = [f for f in safetensors if _SHARD_NAME.search(f)]
     if "model.safetensors" in safetensors:
@@ -982,10 +1113,12 @@ def _safetensors_weights(model_dir: Path, sub: str, files: set[str], safetensors
     if unused:
         notes.append(f"{', '.join(unused[:3])} ignored: model.safetensors is the checkpoint")
     counted = []
+    names = []
     seen_names: set[str] = set()
     for f in used:
         for tensor, info in read_safetensors_header(model_dir / f, sub + f).items():
             if tensor not in seen_names:
                 seen_names.add(tensor)
                 counted.append(info)
-    return _Counted(used, counted)
+                names.append(tensor)
+    return _Counted(used, counted, names)

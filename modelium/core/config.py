@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from modelium.core.limits import TenantLimits
+from modelium.core.external import ExternalServer, check_external
 from modelium.hardware import parse_bytes
 
 ENV_PREFIX = "MODELIUM_"
@@ -37,11 +38,14 @@ class Settings(BaseModel):
     # devices
     cpu_memory: int | None = None  # bytes Modelium may use on the CPU (default: half the RAM)
     gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
+    gpu_memory_reserve: int | None = None  # bytes held back on each GPU (instead of the fraction)
+    device_sample_s: float = Field(30.0, gt=0)  # how often each device's memory is sampled
+    device_sample_threshold: float = Field(0.05, gt=0, lt=1)  # a sample is logged when it moved this much
     fake_gpus: str | None = None  # e.g. "2x24GiB": fake GPUs for trying placement without one
     use_gpus: bool = True
 
     # the brain
-    policy: str = "lru"
+    policy: str = "cost-aware"
     policy_settings: dict[str, Any] = Field(default_factory=dict)  # the policy's own (`modelium policies`)
     keep_alive_s: float = Field(300.0, ge=0)
     retry_failed_s: float = Field(30.0, ge=0)
@@ -57,6 +61,11 @@ class Settings(BaseModel):
     runtime_overhead: int = 384 * 2**20
     # once loaded, a model's measured footprint replaces its estimate in the device's ledger
     measured_memory: bool = True
+    # a loaded worker on the CPU whose resident memory exceeds its grant (what the device's ledger
+    # holds for it) by more than memory_margin (a fraction) is stopped as `oom`; checked every
+    # memory_watch_s seconds (0: not watched)
+    memory_watch_s: float = Field(1.0, ge=0)
+    memory_margin: float = Field(0.25, ge=0)
 
     # requests and runners
     request_timeout_s: float = Field(300.0, gt=0)
@@ -73,6 +82,13 @@ class Settings(BaseModel):
     # but one, which is left to the server (it relays every token as it comes, and a decode step
     # is too small to gain from the last core); an encoder's batches take every core
     worker_threads: int | None = Field(None, ge=1)
+    # the vLLM backend (modelium.backends.vllm): the program run as `COMMAND serve ...` (split as a
+    # shell would), extra arguments for every server (split likewise), how long a server may take to
+    # answer /health, and whether servers start with sleep mode (parking)
+    vllm_command: str = Field("vllm", min_length=1)
+    vllm_args: str = ""
+    vllm_ready_timeout_s: float = Field(600.0, gt=0)
+    vllm_sleep_mode: bool = False
 
     # the event log
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
@@ -96,6 +112,10 @@ class Settings(BaseModel):
     # names that route to weighted versions (A/B, canaries) and a shadow model (modelium.core.aliases):
     # {ALIAS: {"versions": {MODEL: weight, ...}, "shadow": MODEL or null}}
     aliases: dict[str, Any] = Field(default_factory=dict)
+    # OpenAI-compatible endpoints served next to the local models (modelium.core.external):
+    # [{name, url, api_key_env, models: [ids]}], health-checked every external_health_s
+    external: list[ExternalServer] = Field(default_factory=list)
+    external_health_s: float = Field(10.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -114,7 +134,7 @@ class Settings(BaseModel):
         return self
 
     @field_validator("tenant_limits", "default_limits", "policy_settings", "tenant_shares", "tenant_priorities",
-                     "aliases", mode="before")
+                     "aliases", "external", mode="before")
     @classmethod
     def _yaml_text(cls, v: Any) -> Any:
         if not isinstance(v, str):
@@ -131,6 +151,11 @@ class Settings(BaseModel):
 
         return {name: a.to_dict() for name, a in check_aliases(v).items()}
 
+    @field_validator("external")
+    @classmethod
+    def _external(cls, v: list[ExternalServer], info) -> list[ExternalServer]:
+        return check_external(v, aliases=(info.data.get("aliases") or {}).keys())
+
     @field_validator("tenant_shares")
     @classmethod
     def _shares(cls, v: dict[str, float]) -> dict[str, float]:
@@ -138,7 +163,7 @@ class Settings(BaseModel):
 
         return check_shares(v)
 
-    @field_validator("cpu_memory", "runtime_overhead", "max_body", mode="before")
+    @field_validator("cpu_memory", "gpu_memory_reserve", "runtime_overhead", "max_body", mode="before")
     @classmethod
     def _bytes(cls, v: Any) -> Any:
         if v is None or isinstance(v, int):

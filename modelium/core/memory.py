@@ -7,7 +7,10 @@ Nothing freezes the result into the spec: the spec holds the facts and what the 
 for, and this module is the one place that turns them into bytes. Once loaded, the worker
 measures its footprint; :func:`loaded_bytes` turns that into what the device's ledger holds
 from then on (the measure, plus the KV budget the model has not used yet), and the next
-placement of the same model version uses it (:func:`needed_bytes` with ``measured``).
+placement of the same model version uses it (:func:`needed_bytes` with ``measured``). The
+measures also correct the estimates of models never measured: :func:`correction_ratios` learns,
+per family (architecture and dtype), the median ratio of measured to estimated bytes, and
+:func:`needed_bytes` scales a never-measured model's estimate by its family's ratio.
 
 The allocator of each device keeps a :class:`Ledger` (live); the simulator keeps one per
 simulated device; policies size their decisions with :func:`needed_bytes`.
@@ -15,7 +18,9 @@ simulated device; policies size their decisions with :func:`needed_bytes`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from statistics import median
 
 from modelium.core.messages import MemoryEstimate, ModelSpec
 from modelium.hardware import format_bytes
@@ -64,20 +69,59 @@ def loaded_bytes(spec: ModelSpec, measured: int, source: str) -> int:
     """What a loaded model holds from now on, given the footprint its worker measured after
     the load: the measure, plus the KV budget (the cache grows as requests come, after the
     measure), plus the runtime overhead when the measure leaves the runtime out. ``source``:
-    ``"rss"`` (the worker process's whole resident set: runtime included) or ``"cuda"`` (what
-    torch's allocator holds on the GPU: the CUDA context is not in it)."""
+    ``"rss"`` (the worker process's whole resident set: runtime included), ``"cuda"`` (what
+    torch's allocator holds on the GPU: the CUDA context is not in it) or ``"reserved"`` (a
+    server that takes its whole share up front, vLLM: weights, runtime and KV cache are all in
+    the measure, which is final)."""
+    if source == "reserved":
+        return measured
     if source not in ("rss", "cuda"):
-        raise ValueError(f"unknown memory measure {source!r} (rss or cuda)")
+        raise ValueError(f"unknown memory measure {source!r} (rss, cuda or reserved)")
     return measured + kv_budget(spec) + (spec.runtime_overhead_bytes if source == "cuda" else 0)
 
 
-def needed_bytes(spec: ModelSpec, measured: int = 0) -> int:
+def needed_bytes(spec: ModelSpec, measured: int = 0, ratio: float = 1.0) -> int:
     """Memory a model needs once loaded: what its last load of this version held
     (``measured``: the ledger's figure after it was measured), else the estimate, else (no
-    estimate parts at all) its weights."""
+    estimate parts at all) its weights. A never-measured model's estimate is scaled by
+    ``ratio``: the correction learnt from its family (:func:`correction_ratios`)."""
     if measured > 0:
         return measured
-    return spec.weight_bytes + spec.runtime_overhead_bytes + kv_budget(spec)  # = estimate(spec).total
+    raw = spec.weight_bytes + spec.runtime_overhead_bytes + kv_budget(spec)  # = estimate(spec).total
+    return corrected_bytes(raw, ratio)
+
+
+# --------------------------------------------------------------------------------------------
+# Learning from measures: a correction of the estimate per family
+# --------------------------------------------------------------------------------------------
+
+RATIO_RANGE = (0.5, 4.0)  # a learnt correction is clamped to this range
+
+
+def estimate_family(spec: ModelSpec) -> str:
+    """The family whose measures correct ``spec``'s estimate: models of one architecture and
+    dtype grow alike from weights to a loaded worker (e.g. ``LlamaForCausalLM/bfloat16``)."""
+    return f"{spec.architecture or spec.model_type or 'unknown'}/{spec.dtype or 'unknown'}"
+
+
+def correction_ratios(observations: Iterable[tuple[str, int, int]], *, low: float = RATIO_RANGE[0],
+                      high: float = RATIO_RANGE[1], min_observations: int = 1) -> dict[str, float]:
+    """``{family: ratio}`` from ``(family, estimated bytes, measured bytes)`` observations: the
+    median of measured / estimated over the family's observations, clamped to [low, high]
+    (one odd measure must not shrink or blow up every estimate of its family). Observations
+    with a non-positive figure are skipped; a family needs ``min_observations`` of them."""
+    by_family: dict[str, list[float]] = {}
+    for family, estimated, measured in observations:
+        if estimated > 0 and measured > 0:
+            by_family.setdefault(family, []).append(measured / estimated)
+    return {f: min(high, max(low, median(r))) for f, r in by_family.items() if len(r) >= max(1, min_observations)}
+
+
+def corrected_bytes(estimated: int, ratio: float) -> int:
+    """A never-measured model's estimate scaled by its family's correction ``ratio`` (1: none)."""
+    if ratio <= 0 or ratio == 1.0:
+        return estimated
+    return round(estimated * ratio)
 
 
 @dataclass

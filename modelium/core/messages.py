@@ -182,9 +182,24 @@ class DeviceRegistered(Event, frozen=True, kw_only=True):
 
 
 class DeviceSampled(Event, frozen=True, kw_only=True):
+    """A device's memory as sampled (logged only when it moved by more than a threshold).
+    ``foreign_bytes``: held by processes that are not this server's (GPUs: NVML's per-process
+    figures); it comes out of the device's budget until the next sample says otherwise."""
+
     device: str
     free_bytes: int
     used_bytes: int
+    foreign_bytes: int = 0
+
+
+class DeviceHealth(Event, frozen=True, kw_only=True):
+    """A device became unavailable (its GPU fell off the bus, NVML keeps failing on it), with
+    the reason, or available again. An unavailable device gets no placements and the models on
+    it are evicted, to be loaded elsewhere where they fit."""
+
+    device: str
+    available: bool
+    reason: str = ""
 
 
 class Reserved(Event, frozen=True, kw_only=True):
@@ -282,6 +297,12 @@ class LoadCompleted(Event, frozen=True, kw_only=True):
     load_s: float
     pid: int = 0
     worker_s: float = 0.0  # seconds spent getting a worker process (0 when a spare was ready)
+    # the worker's phases (ModelLoaded): config, tokenizer and empty model; weights onto the device;
+    # the first run; and what read the weights ("safetensors", "fastsafetensors", "from_pretrained")
+    build_s: float = 0.0
+    weights_s: float = 0.0
+    warmup_s: float = 0.0
+    loader: str = ""
     memory_bytes: int = 0  # what the worker measured after the load (ModelLoaded.memory_source says what);
     # the device's ledger then holds modelium.core.memory.loaded_bytes of it (a Reserved with measured=True)
 
@@ -291,6 +312,11 @@ class LoadFailed(Event, frozen=True, kw_only=True):
     device: str
     reason: str  # fit for a client (it may be quoted in an error): no paths, no worker output
     detail: str = ""  # for the operator: the worker's own words (a traceback, its last output)
+    # "oom": the device ran out of memory during the load (it asked for ``asked_bytes`` with
+    # ``free_bytes`` free); "": any other failure
+    kind: str = ""
+    asked_bytes: int = 0
+    free_bytes: int = 0
 
 
 class Unloaded(Event, frozen=True, kw_only=True):
@@ -305,6 +331,12 @@ class WorkerCrashed(Event, frozen=True, kw_only=True):
     exitcode: int | None = None
     reason: str = ""  # fit for a client
     detail: str = ""  # for the operator: the worker's last output
+    # "oom": the runner stopped the worker for holding more than ``grant_bytes`` x (1 + ``margin``)
+    # (it measured ``measured_bytes``); "": the worker died on its own
+    kind: str = ""
+    grant_bytes: int = 0
+    measured_bytes: int = 0
+    margin: float = 0.0
 
 
 # requests (router) ---------------------------------------------------------------------------
@@ -437,17 +469,32 @@ class KeyRevoked(Event, frozen=True, kw_only=True):
     by: str = ""
 
 
+# external servers (actors.external) -------------------------------------------------------------
+
+
+class ExternalHealth(Event, frozen=True, kw_only=True):
+    """An external OpenAI-compatible endpoint's health changed (logged on a change only, and at
+    its first check after a start)."""
+
+    name: str = ""  # the endpoint's name in the ``external`` setting
+    url: str = ""
+    healthy: bool = False
+    reason: str = ""  # why it is unhealthy ("" when healthy)
+    models: list[str] = []  # the model ids it serves (requests for them never reach the registry)
+
+
 AnyEvent = Union[
     ServerStarted, ServerStopped, BrainStarted, Tick,
     ActorCrashed, ActorRestarted, ActorGaveUp,
     ModelDiscovered, ModelChanged, ModelRemoved, ModelInvalid,
-    DeviceRegistered, DeviceSampled, Reserved, Released,
+    DeviceRegistered, DeviceSampled, DeviceHealth, Reserved, Released,
     Load, Evict, Reject,
     LoadStarted, LoadCompleted, LoadFailed, Unloaded, WorkerCrashed,
     RequestArrived, RequestFinished, RequestsRolledUp,
     JobAccepted, JobStarted, JobFinished, JobCancelled,
     KeyCreated, KeyRevoked,
     OperatorAction, Pinned, Unpinned,
+    ExternalHealth,
 ]
 
 EVENT_TYPES: dict[str, type[Event]] = {t.__name__: t for t in AnyEvent.__args__}  # type: ignore[attr-defined]
@@ -551,6 +598,7 @@ class Submit(_Msg, frozen=True, kw_only=True):
     priority: int = 0  # its class in the model's queue (higher first)
     alias: str = ""  # the alias the request named (logged on RequestArrived)
     shadow_of: str = ""  # a shadow copy of this request id
+    keep_alive_s: float | None = None  # the request's own keep-alive for its model (-1: for ever)
 
 
 class Cancel(_Msg, frozen=True, kw_only=True):
@@ -624,6 +672,7 @@ class WorkerHello(_Msg, frozen=True, kw_only=True):
     pid: int
     torch: str = ""
     cuda: bool = False
+    device: str = ""  # a spare kept for this device ("cuda:N": its CUDA context exists already)
 
 
 class LoadModel(_Msg, frozen=True, kw_only=True):
@@ -639,6 +688,12 @@ class LoadModel(_Msg, frozen=True, kw_only=True):
     max_batch: int = 64  # generation: sequences decoded together; encoders: inputs per forward
     batch_wait_ms: float = 2.0  # encoders: how long a lone input waits for company
     threads: int = 0  # torch's intra-op threads on the CPU (0: torch's default)
+    # a fake GPU that holds at most this many bytes of tensors (modelium.hardware): a model of more
+    # fails to load as CUDA's out of memory does (0: no such limit)
+    fake_oom_bytes: int = 0
+    # how to read the weights: "safetensors" or "fastsafetensors" (straight onto the device, falling
+    # back to from_pretrained for what they cannot load), "from_pretrained"; "": the default
+    loader: str = ""
 
 
 class ModelLoaded(_Msg, frozen=True, kw_only=True):
@@ -653,6 +708,9 @@ class ModelLoaded(_Msg, frozen=True, kw_only=True):
     labels: list[str] = []  # classification: the labels, by class index
     dim: int = 0  # embedding: the vector's dimension
     warmup_s: float = 0.0  # of load_s: the model's first run on a tiny input
+    build_s: float = 0.0  # of load_s: config, tokenizer and the empty model (from_pretrained: not the model)
+    weights_s: float = 0.0  # of load_s: the weights onto the device (from_pretrained: its whole call)
+    loader: str = ""  # what read the weights: "safetensors", "fastsafetensors" or "from_pretrained"
 
 
 class Job(_Msg, frozen=True, kw_only=True):
@@ -716,6 +774,9 @@ class Failed(_Msg, frozen=True, kw_only=True):
     param: str = ""
     retry_after: float = 0.0
     detail: str = ""  # for the operator's log only (paths, exception text): never shown to clients
+    # a load that ran out of device memory (kind "oom"): the bytes it asked for, and what was free
+    asked_bytes: int = 0
+    free_bytes: int = 0
 
 
 class Shutdown(_Msg, frozen=True, kw_only=True):

@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence, Set as AbstractSet
 from typing import Any, Protocol
 
-from modelium.core.memory import needed_bytes
+from modelium.core.memory import estimate_family, needed_bytes
 from modelium.core.messages import Decision, Evict, Event, Load, ModelSpec, Reject
+from modelium.hardware import format_bytes
 
 __all__ = ["ClusterView", "Decision", "DeviceView", "Evict", "Load", "ModelView", "Policy", "Reject",
-           "needed_bytes", "needs"]
+           "needed_bytes", "needs", "needs_note"]
 
 
 class ModelView(Protocol):
@@ -39,6 +40,8 @@ class ModelView(Protocol):
     fingerprint: str
     measured_bytes: int
     measured_fingerprint: str
+    estimate_ratio: float  # the correction its family's measures teach its estimate (1: none)
+    oom_extra_bytes: int  # after a load ran its device out of memory: what it lacked (its retry asks for it)
     load_s: float  # the last load's measured seconds (0: never loaded)
     loaded_at: float
     arrivals: int  # requests that ever arrived for it
@@ -53,9 +56,28 @@ class ModelView(Protocol):
 
 def needs(m: ModelView) -> int:
     """Bytes a placement of ``m`` reserves: what its last load of this version measured, else
-    the estimate from its spec."""
+    the estimate from its spec, corrected by what loads of its family measured
+    (``m.estimate_ratio``, kept by the registry fold); after a load that ran the device out of
+    memory, plus what it lacked (``m.oom_extra_bytes``: its one retry asks for more)."""
     measured = m.measured_bytes if m.measured_fingerprint == m.fingerprint else 0
-    return needed_bytes(m.spec, measured)
+    return needed_bytes(m.spec, measured, m.estimate_ratio) + m.oom_extra_bytes
+
+
+GPU_ONLY_BACKENDS = ("vllm",)  # backends that cannot run a model on the CPU
+
+
+def runs_on(m: ModelView, device: DeviceView) -> bool:
+    """Whether ``m``'s backend can run it on ``device`` (vLLM needs a GPU)."""
+    return device.kind == "gpu" or m.spec is None or m.spec.backend not in GPU_ONLY_BACKENDS
+
+
+def needs_note(m: ModelView) -> str:
+    """Words for a decision's reason when :func:`needs` corrected ``m``'s estimate; else ""."""
+    if m.oom_extra_bytes:
+        return f" (with {format_bytes(m.oom_extra_bytes)} more: its last load ran the device out of memory)"
+    if m.estimate_ratio == 1.0 or m.spec is None or (m.measured_bytes and m.measured_fingerprint == m.fingerprint):
+        return ""
+    return f" (estimate x{m.estimate_ratio:.2f}, learnt from measured loads of {estimate_family(m.spec)})"
 
 
 class DeviceView(Protocol):
@@ -63,6 +85,7 @@ class DeviceView(Protocol):
     kind: str
     total_bytes: int
     budget_bytes: int
+    unavailable: str  # why no model may be placed on it now ("": available)
 
 
 class ClusterView(Protocol):

@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from modelium.core.policies.base import ClusterView, Decision, ModelView, needs
-from modelium.core.policies.lru import LOADABLE, LRUPolicy
+from modelium.core.policies.lru import LOADABLE, LRUPolicy, json_number, requested_keep_alive
 from modelium.core.traffic import bin_lower_s, bin_upper_s, decayed_count, gap_percentile
 from modelium.hardware import format_bytes
 
@@ -76,8 +76,8 @@ class CostAwarePolicy(LRUPolicy):
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {"memory_s": self.memory_s, "load_cost_floor_s": self.load_cost_floor_s,
-                "keep_alive_s": self.keep_alive_s, "keep_alive_percentile": self.keep_alive_percentile,
+        return {"memory_s": json_number(self.memory_s), "load_cost_floor_s": self.load_cost_floor_s,
+                "keep_alive_s": json_number(self.keep_alive_s), "keep_alive_percentile": self.keep_alive_percentile,
                 "min_keep_alive_s": self.min_keep_alive_s, "max_keep_alive_s": self.max_keep_alive_s,
                 "min_gaps": self.min_gaps, "min_residency_s": self.min_residency_s,
                 "residency_factor": self.residency_factor, "preload": self.preload,
@@ -120,6 +120,8 @@ class CostAwarePolicy(LRUPolicy):
     # -- keep-alive and pre-load ----------------------------------------------------------------
 
     def keep_alive(self, m: ModelView, now: float) -> tuple[float, str]:
+        if (asked := requested_keep_alive(m)) is not None:  # a request's own keep_alive wins
+            return asked
         n = sum(m.gaps)
         if n < self.min_gaps:
             return self.keep_alive_s, f"keep-alive {self.keep_alive_s:g} s: {n} gap(s) seen, fewer than {self.min_gaps}"

@@ -84,10 +84,7 @@ class LLMPolicy:
 
     @property
     def settings(self) -> dict[str, Any]:
-        # infinite numbers as "inf" (the fallbacks take them so): JSON has no infinity
-        nested = {k: ("inf" if isinstance(v, float) and v == float("inf") else v)
-                  for k, v in self.fallback.settings.items()}
-        return {"fallback": self.fallback_name, "fallback_settings": nested,
+        return {"fallback": self.fallback_name, "fallback_settings": self.fallback.settings,
                 "endpoint": self.endpoint, "model": self.model, "timeout_s": self.timeout_s,
                 "budget_per_min": self.budget_per_min, "margin": self.margin, "max_tokens": self.max_tokens}
 

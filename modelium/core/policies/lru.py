@@ -4,9 +4,11 @@ short, unload models idle for longer than the keep-alive.
 On every trigger it reconciles the whole view, in this order:
 
 1. resident models whose folder vanished or whose files changed are evicted once idle;
-2. on a ``Tick``, ready models idle for ``keep_alive_s`` or more are evicted;
-3. every model with waiting requests that is not resident is placed: on the first device where
-   it fits; else on the first device where evicting least-recently-used idle models makes room;
+2. on a ``Tick``, ready models idle for ``keep_alive_s`` or more are evicted (or for the
+   ``keep_alive`` their last request asked for, Ollama's parameter; negative: never);
+3. every model with waiting requests that is not resident is placed: on the device where it fits
+   best (the least free memory left, GPUs first); else on the device where evicting
+   least-recently-used idle models makes room (the best worst victim);
    requests for a model that can fit nowhere, was removed, became invalid, failed to load less
    than ``retry_failed_s`` ago, or whose worker crashed ``max_crashes`` times (the last less than
    ``retry_failed_s`` ago) are rejected with the reason. When memory is held by busy or loading
@@ -22,17 +24,31 @@ rejected with that reason.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from modelium.core.errors import ErrorKind
 from modelium.hardware import format_bytes
 from modelium.core.messages import Event, Tick
-from modelium.core.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needs
+from modelium.core.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needs, needs_note, runs_on
 
 
 _NOT_RESIDENT = ("discovered", "unloaded", "failed", "invalid")
 _PLACED = ("loading", "ready")  # holds memory that a new placement cannot use
 LOADABLE = ("discovered", "unloaded")  # may be loaded without a request (pinned, pre-loaded)
+
+
+def json_number(x: float) -> float | str:
+    """A setting as JSON can hold it (and ``float()`` reads back): infinity as ``"inf"``."""
+    return "inf" if math.isinf(x) else x
+
+
+def requested_keep_alive(m: ModelView) -> tuple[float, str] | None:
+    """The keep-alive ``m``'s last request asked for, with the reason; None when it asked none."""
+    if m.keep_alive_s is None:
+        return None
+    ka = math.inf if m.keep_alive_s < 0 else m.keep_alive_s
+    return ka, f"its last request's keep_alive {ka:g} s"
 
 
 class LRUPolicy:
@@ -48,7 +64,7 @@ class LRUPolicy:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {"keep_alive_s": self.keep_alive_s, "retry_failed_s": self.retry_failed_s,
+        return {"keep_alive_s": json_number(self.keep_alive_s), "retry_failed_s": self.retry_failed_s,
                 "max_crashes": self.max_crashes}
 
     def victim_key(self, m: ModelView, now: float) -> tuple:
@@ -63,7 +79,10 @@ class LRUPolicy:
     busy_victims = False  # may a busy model be evicted (it drains first) when no idle one makes room?
 
     def keep_alive(self, m: ModelView, now: float) -> tuple[float, str]:
-        """How long ``m`` may stay idle before a Tick unloads it, and why that long."""
+        """How long ``m`` may stay idle before a Tick unloads it, and why that long: what its last
+        request asked for (``keep_alive``; negative: for ever), else the policy's own."""
+        if (asked := requested_keep_alive(m)) is not None:
+            return asked
         return self.keep_alive_s, f"keep-alive {self.keep_alive_s:g} s"
 
     def protected(self, m: ModelView) -> bool:
@@ -94,12 +113,14 @@ class LRUPolicy:
                 continue
             need = needs(m)
             for d in devices:
+                if not runs_on(m, d):
+                    continue
                 free = d.budget_bytes - used[d.name]
                 if limits[d.name] is not None and placed.get(d.name, 0) >= limits[d.name]:
                     continue
                 if need <= free:
                     out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
-                        f"{why}; needs {format_bytes(need)}, {format_bytes(free)} free on {d.name}")))
+                        f"{why}; needs {format_bytes(need)}{needs_note(m)}, {format_bytes(free)} free on {d.name}")))
                     used[d.name] += need
                     placed[d.name] = placed.get(d.name, 0) + 1
                     loading.add(m.name)
@@ -117,13 +138,21 @@ class LRUPolicy:
             if m.state in _NOT_RESIDENT and (w := m.waiting):
                 waits[name] = w
         tick = type(trigger) is Tick
-        if not waits and not view.flagged and not tick:
+        lost = {d.name: d.unavailable for d in view.devices.values() if d.unavailable}
+        if not waits and not view.flagged and not tick and not lost:
             return out
         leaving: set[str] = set()
 
         def evict(m: ModelView, reason: str) -> None:
             out.append(Evict(model=m.name, reason=reason))
             leaving.add(m.name)
+
+        if lost:  # what runs on an unavailable device is evicted, busy or not, to load elsewhere
+            for name in sorted(models):
+                m = models[name]
+                if m.state == "ready" and m.device in lost:
+                    evict(m, f"device {m.device} is unavailable ({lost[m.device]}); "
+                             "it loads again elsewhere when asked for")
 
         for name in sorted(view.flagged):
             m = models[name]
@@ -157,7 +186,8 @@ class LRUPolicy:
                         held[x.device] += x.bytes
                 if x.state == "ready" and (busy_victims or not x.pending) and not self.protected(x):
                     idle.setdefault(x.device, []).append(x)
-        devices = sorted(view.devices.values(), key=lambda d: (d.kind != "gpu", d.name))
+        devices = sorted((d for d in view.devices.values() if not d.unavailable),
+                         key=lambda d: (d.kind != "gpu", d.name))
         for victims in idle.values():  # idle ones first (busy ones, where allowed, drain first)
             victims.sort(key=lambda x: (bool(x.pending), self.victim_key(x, now)))
 
@@ -191,6 +221,13 @@ class LRUPolicy:
                             f"it is retried {self.retry_failed_s:g} s after a failure"),
                 ))
                 continue
+            if not any(runs_on(m, d) for d in devices):
+                why = (f"model {m.name} runs on {m.spec.backend}, which needs a GPU, and this server has none"
+                       if devices else f"model {m.name} has no device to run on")
+                if lost:
+                    why += " available (" + "; ".join(f"{d}: {r}" for d, r in sorted(lost.items())) + ")"
+                out.append(Reject(model=m.name, through=view.seq, kind=ErrorKind.unavailable.value, reason=why))
+                continue
             if any(held.values()) and devices and needs(m) <= biggest:
                 d = max(devices, key=lambda d: d.budget_bytes - held[d.name])
                 if needs(m) > d.budget_bytes - held[d.name]:
@@ -217,6 +254,7 @@ class LRUPolicy:
     def _place(self, view: ClusterView, m: ModelView, n: int, now: float, used: dict[str, int],
                leaving: set[str], out: list[Decision], devices: list, idle: dict[str, list[ModelView]]) -> None:
         need = needs(m)
+        devices = [d for d in devices if runs_on(m, d)]
         if not devices:
             return
         placed: dict[str, int] = {}  # device -> models placed there (loading or ready, not leaving)
@@ -225,17 +263,21 @@ class LRUPolicy:
             for x in view.models.values():
                 if x.device is not None and x.state in _PLACED and x.name not in leaving:
                     placed[x.device] = placed.get(x.device, 0) + 1
-        for d in devices:
+        # best fit: of the devices with room, the one it leaves least free (GPUs before the CPU),
+        # so that large holes stay for large models
+        fits = [(d.kind != "gpu", d.budget_bytes - used[d.name] - need, d.name, d) for d in devices
+                if need <= d.budget_bytes - used[d.name]
+                and (limits[d.name] is None or placed.get(d.name, 0) < limits[d.name])]
+        if fits:
+            *_, d = min(fits, key=lambda f: f[:3])
             free = d.budget_bytes - used[d.name]
-            limit = limits[d.name]
-            if limit is not None and placed.get(d.name, 0) >= limit:
-                continue
-            if need <= free:
-                out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
-                    f"{n} request(s) waiting; needs {format_bytes(need)}, "
-                    f"{format_bytes(free)} free on {d.name}")))
-                used[d.name] += need
-                return
+            others = len(fits) - 1
+            out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
+                f"{n} request(s) waiting; needs {format_bytes(need)}{needs_note(m)}, "
+                f"{format_bytes(free)} free on {d.name}"
+                + (f" (best fit of {others + 1} devices with room)" if others else ""))))
+            used[d.name] += need
+            return
         # every device where evicting idle models makes room, with the victims it would take
         # (first in victim order); GPUs before the CPU, and among them the device whose worst
         # victim is the best (least recently used, for this policy): across devices as within one

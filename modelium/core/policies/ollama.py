@@ -17,7 +17,6 @@ model across GPUs; here the estimate and the measure of ``modelium.core.memory``
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from modelium.core.policies.base import ModelView
@@ -40,13 +39,7 @@ class OllamaPolicy(LRUPolicy):
         return {**super().settings, "max_loaded_per_gpu": self.max_loaded_per_gpu}
 
     def _duration(self, m: ModelView) -> float:
-        ka = m.keep_alive_s if m.keep_alive_s is not None else self.keep_alive_s
-        return math.inf if ka < 0 else ka
-
-    def keep_alive(self, m: ModelView, now: float) -> tuple[float, str]:
-        ka = self._duration(m)
-        source = "its last request's keep_alive" if m.keep_alive_s is not None else "the default keep-alive"
-        return ka, f"{source} {ka:g} s"
+        return self.keep_alive(m, 0.0)[0]  # its request's keep_alive (LRUPolicy.keep_alive), else 5 min
 
     def victim_key(self, m: ModelView, now: float) -> tuple:
         return (self._duration(m), m.name)  # Ollama's ByDurationAndName
