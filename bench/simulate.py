@@ -33,7 +33,7 @@ def main() -> None:
                      models={m: ModelInfo(m, bytes=10 * GB, load_s=load_s) for m in trace.models})
         print(f"Azure conv: {len(w.arrivals):,} requests, {a.models} models of 10 GB, one device of {a.slots} slots, "
               f"load {load_s:g} s, service {service_s:g} s")
-        for name, params in (("lru", {"keep_alive_s": float("inf")}), ("lru", {}), ("belady", {})):
+        for name, params in (("lru", {"keep_alive_s": float("inf")}), ("lru", {}), ("cost-aware", {}), ("belady", {})):
             r = simulate(w, Config(devices={"gpu:0": a.slots * 10 * GB}, policy=name, params=params,
                                    service_s=service_s))
             s = summarize(r)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from modelium.core.memory import correction_ratios, estimate_family, needed_bytes
-from modelium.core.traffic import GAP_BINS, RECENT, gap_bin
+from modelium.core.traffic import GAP_BINS, RECENT, REUSE_RANKS, Reuse, gap_bin
 from modelium.core.messages import (
     ActorCrashed,
     BrainStarted,
@@ -154,6 +154,7 @@ class State:
     # indexes kept by the fold, so that a policy asked on every event need not scan every model
     asked: set[str] = field(default_factory=set)  # models with requests pending
     flagged: set[str] = field(default_factory=set)  # models removed, or changed while resident
+    reuse: Reuse = field(default_factory=Reuse)  # recency and frequency ranks of the latest arrivals
     # what measured loads teach the estimates: model -> (family, estimated bytes, measured bytes)
     # of its latest measured load, and the correction ratio of each family learnt from them
     memory_observations: dict[str, tuple[str, int, int]] = field(default_factory=dict)
@@ -228,8 +229,15 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.pending[event.request_id] = seq
             m.last_used, m.used_seq = event.ts, seq
             state.asked.add(m.name)
-            m.arrivals += 1
             recent = m.recent
+            # its ranks among the models now, before this arrival counts (first arrivals: misses)
+            last = recent[-1] if recent else None
+            count = m.arrivals
+            state.reuse.add(
+                sum(1 for x in state.models.values() if x.recent and x.recent[-1] > last)
+                if last is not None else REUSE_RANKS,
+                sum(1 for x in state.models.values() if x.arrivals > count) if count else REUSE_RANKS)
+            m.arrivals += 1
             if recent:
                 if not m.gaps:
                     m.gaps = [0] * GAP_BINS

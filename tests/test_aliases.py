@@ -245,8 +245,10 @@ def test_embeddings_and_jobs_through_an_alias_name_the_version_that_answered(mak
 
     aliases = {"embed": {"versions": {"minilm": 1}, "shadow": None}}
     s = make_server(extra_env={"MODELIUM_ALIASES": json.dumps(aliases)}).start()
-    shutil.copytree(get_model_path(), s.models / "minilm")
-    s.wait_model("minilm")
+    staged = s.models.parent / "staged-minilm"  # copied whole, then moved in at once
+    shutil.copytree(get_model_path(), staged)
+    staged.rename(s.models / "minilm")
+    s.wait_model("minilm", state="discovered")
     client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     e = client.embeddings.create(model="embed", input=["hello", "world"])
     assert e.model == "minilm" and len(e.data) == 2 and len(e.data[0].embedding) == 384

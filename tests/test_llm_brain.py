@@ -466,6 +466,12 @@ def test_a_real_server_never_waits_on_a_slow_llm_and_its_log_replays_without_it(
     for name in ("a", "b"):
         r = server.post("/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200, r.text
+    # the answer may reach the client before its RequestFinished is logged: wait until both are
+    # idle in the log, so that c's load meets two idle candidates
+    deadline = time.monotonic() + 60
+    while len(list(read_events(server.db, types=["RequestFinished"]))) < 2 and time.monotonic() < deadline:
+        server.wait_committed()
+        time.sleep(0.05)
     done: dict = {}
 
     def ask_c():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 
 RECENT = 32  # arrival times kept per model
@@ -98,3 +99,39 @@ def keep_alive_seconds(value: float | int | str) -> float:
         return -1.0
     return seconds
 
+
+REUSE_WINDOW = 1024  # the latest arrivals the reuse figures cover
+REUSE_RANKS = 256  # ranks counted one by one; the last counts every rank beyond, and first arrivals
+
+
+@dataclass
+class Reuse:
+    """How the latest ``REUSE_WINDOW`` arrivals (over all models) would have fared in a cache that
+    keeps the most recently asked models, and in one that keeps the most often asked: for each
+    arrival, its model's recency rank (how many other models were asked since its previous
+    arrival: its LRU stack distance) and its frequency rank (how many models had been asked more
+    often), as two histograms. A cache of ``k`` models serves the arrivals of rank below ``k``.
+    Kept by the registry fold; pure."""
+
+    recency: list[int] = field(default_factory=lambda: [0] * REUSE_RANKS)
+    frequency: list[int] = field(default_factory=lambda: [0] * REUSE_RANKS)
+    window: list[int] = field(default_factory=list)  # ring of recency * REUSE_RANKS + frequency
+    pos: int = 0
+
+    def add(self, recency: int, frequency: int) -> None:
+        r, f = min(recency, REUSE_RANKS - 1), min(frequency, REUSE_RANKS - 1)
+        if len(self.window) < REUSE_WINDOW:
+            self.window.append(r * REUSE_RANKS + f)
+        else:
+            old = self.window[self.pos]
+            self.recency[old // REUSE_RANKS] -= 1
+            self.frequency[old % REUSE_RANKS] -= 1
+            self.window[self.pos] = r * REUSE_RANKS + f
+            self.pos = (self.pos + 1) % REUSE_WINDOW
+        self.recency[r] += 1
+        self.frequency[f] += 1
+
+    def hits(self, k: int) -> tuple[int, int]:
+        """(recency hits, frequency hits) of a cache of ``k`` models over the window."""
+        k = max(0, min(k, REUSE_RANKS - 1))
+        return sum(self.recency[:k]), sum(self.frequency[:k])

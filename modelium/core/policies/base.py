@@ -95,6 +95,7 @@ class ClusterView(Protocol):
     devices: Mapping[str, DeviceView]
     asked: AbstractSet[str]  # models with requests pending
     flagged: AbstractSet[str]  # models whose folder was removed, or whose files changed while resident
+    reuse: Any  # modelium.core.traffic.Reuse: recency and frequency ranks of the latest arrivals
 
     def used_bytes(self, device: str) -> int: ...
 

@@ -16,6 +16,14 @@ load is not paid for nothing) is evicted only after every other candidate of its
 thrash). Both are 0 by default: in the simulator's evaluation (README) protecting fresh loads
 cost more cold starts than it saved, because the model just loaded is most often a rare one.
 
+Counting favours popular models; traffic in sessions (a user asks one model many times, then
+leaves) wants recency instead. With ``adaptive`` (the default) each decision that orders victims
+first holds a contest (:func:`contest`): over the latest arrivals (the fold's ``reuse``
+figures), would a cache keeping the most recently asked models, or one keeping the most often
+asked, each as large as what is resident now, have served more of them? When recency would,
+victims go least recently asked first (the score breaking ties), else by the score. The
+contest's figures are in the reason.
+
 Idle models are unloaded after a keep-alive of their own, learnt from their inter-arrival
 histogram (the hybrid histogram policy of Shahrad et al., "Serverless in the Wild", USENIX ATC
 2020): the upper edge of the gap bin holding ``keep_alive_percentile`` of the model's past gaps,
@@ -28,6 +36,7 @@ uses is in the decision's reason.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from modelium.core.policies.base import ClusterView, Decision, ModelView, needs
@@ -35,6 +44,39 @@ from modelium.core.policies.lru import LOADABLE, LRUPolicy, json_number, request
 from modelium.core.traffic import bin_lower_s, bin_upper_s, decayed_count, gap_percentile
 from modelium.hardware import format_bytes
 
+
+
+@dataclass(frozen=True)
+class Contest:
+    """Which victim order would have kept more of the recent arrivals resident, had memory held
+    ``k`` models: ``recency`` (least recently used first) or ``frequency`` (fewest arrivals
+    first), with each one's hits over ``arrivals`` arrivals."""
+
+    order: str
+    recency_hits: int = 0
+    frequency_hits: int = 0
+    arrivals: int = 0
+    k: int = 0
+
+    def words(self) -> str:
+        if not self.arrivals:
+            return "frequency order (too few recent arrivals to judge)"
+        return (f"{self.order} order: over the last {self.arrivals} arrivals, memory for {self.k} models "
+                f"kept by recency would have served {self.recency_hits}, by frequency {self.frequency_hits}")
+
+
+def contest(view: ClusterView) -> Contest:
+    """Over the latest arrivals (the fold's ``reuse`` figures), which order would have served more
+    of them from memory for as many models as are resident now: a cache keeping the most recently
+    asked models, or one keeping the most often asked. Traffic in sessions favours recency;
+    independent draws by popularity, frequency. Ties go to frequency."""
+    k = sum(1 for m in view.models.values() if m.state in ("loading", "ready"))
+    reuse = view.reuse
+    n = len(reuse.window)
+    if k < 1 or n < 2 * k:
+        return Contest("frequency")
+    rec, freq = reuse.hits(k)
+    return Contest("recency" if rec > freq else "frequency", rec, freq, n, k)
 
 
 class CostAwarePolicy(LRUPolicy):
@@ -46,7 +88,10 @@ class CostAwarePolicy(LRUPolicy):
                  residency_factor: float = 0.0,
                  preload: bool = True, preload_percentile: float = 0.05, preload_lead_s: float = 10.0,
                  always_loaded: Any = (), priorities: dict[str, int] | None = None,
-                 retry_failed_s: float = 30.0, max_crashes: int = 3):
+                 retry_failed_s: float = 30.0, max_crashes: int = 3, adaptive: bool = True):
+        self.adaptive = bool(adaptive) if not isinstance(adaptive, str) else adaptive.lower() in ("1", "true", "yes")
+        self._view: ClusterView | None = None
+        self._contest: Contest | None = None
         super().__init__(keep_alive_s=keep_alive_s, retry_failed_s=retry_failed_s, max_crashes=max_crashes)
         self.memory_s = float(memory_s)
         self.load_cost_floor_s = float(load_cost_floor_s)
@@ -83,7 +128,7 @@ class CostAwarePolicy(LRUPolicy):
                 "residency_factor": self.residency_factor, "preload": self.preload,
                 "preload_percentile": self.preload_percentile, "preload_lead_s": self.preload_lead_s,
                 "always_loaded": self.always_loaded, "priorities": self.priorities,
-                "retry_failed_s": self.retry_failed_s, "max_crashes": self.max_crashes}
+                "adaptive": self.adaptive, "retry_failed_s": self.retry_failed_s, "max_crashes": self.max_crashes}
 
     # -- the score ------------------------------------------------------------------------------
 
@@ -101,14 +146,32 @@ class CostAwarePolicy(LRUPolicy):
         ``residency_factor`` times what its load cost (a load is not paid for nothing)."""
         return max(self.min_residency_s, self.residency_factor * m.load_s)
 
+    def begin(self, view: ClusterView, now: float) -> None:
+        self._view, self._contest = view, None
+
+    def order(self) -> Contest:
+        """The victim order for this decision (computed once, when a victim is first ordered)."""
+        if self._contest is None:
+            self._contest = contest(self._view) if self.adaptive and self._view is not None \
+                else Contest("frequency")
+        return self._contest
+
     def victim_key(self, m: ModelView, now: float) -> tuple:
         young = now - m.loaded_at < self.residency(m)
+        if self.order().order == "recency":
+            return (self.priorities.get(m.name, 0), young, m.last_used, self.score(m, now), m.name)
         return (self.priorities.get(m.name, 0), young, self.score(m, now), m.last_used, m.name)
 
     def victim_reason(self, m: ModelView, now: float, device: str) -> str:
         f, c = self.frequency(m, now), self.cost(m)
         size = m.bytes or needs(m)
-        parts = [f"lowest frequency x load cost / size on {device}: {f:.2f} x {c:.1f} s / {format_bytes(size)}"]
+        judged = self.order()
+        if judged.order == "recency":
+            parts = [f"least recently used on {device}, {judged.words()}"]
+        else:
+            parts = [f"lowest frequency x load cost / size on {device}: {f:.2f} x {c:.1f} s / {format_bytes(size)}"]
+            if judged.arrivals:
+                parts.append(judged.words())
         if m.name in self.priorities:
             parts.append(f"priority {self.priorities[m.name]}")
         if now - m.loaded_at < self.residency(m):

@@ -30,7 +30,18 @@ from typing import Any
 from modelium.core.errors import ErrorKind
 from modelium.hardware import format_bytes
 from modelium.core.messages import Event, Tick
-from modelium.core.policies.base import ClusterView, Decision, Evict, Load, ModelView, Reject, needs, needs_note, runs_on
+from modelium.core.policies.base import (
+    GPU_ONLY_BACKENDS,
+    ClusterView,
+    Decision,
+    Evict,
+    Load,
+    ModelView,
+    Reject,
+    needs,
+    needs_note,
+    runs_on,
+)
 
 
 _NOT_RESIDENT = ("discovered", "unloaded", "failed", "invalid")
@@ -126,8 +137,12 @@ class LRUPolicy:
                     loading.add(m.name)
                     break
 
+    def begin(self, view: ClusterView, now: float) -> None:
+        """Called at the start of every decision, before any victim is ordered."""
+
     def decide(self, view: ClusterView, trigger: Event) -> list[Decision]:
         now = trigger.ts
+        self.begin(view, now)
         out: list[Decision] = []
         models = view.models
         # the brain asks on every event: this reads the fold's indexes (models asked for, models
@@ -197,6 +212,7 @@ class LRUPolicy:
                        for d in devices) if devices else -1
 
         biggest = max((d.budget_bytes for d in devices), default=0)
+        has_gpu = any(d.kind == "gpu" for d in devices)
         spare = reach()
         for m in wanting:
             n = len(waits[m.name])
@@ -221,7 +237,7 @@ class LRUPolicy:
                             f"it is retried {self.retry_failed_s:g} s after a failure"),
                 ))
                 continue
-            if not any(runs_on(m, d) for d in devices):
+            if not devices or (not has_gpu and m.spec.backend in GPU_ONLY_BACKENDS):
                 why = (f"model {m.name} runs on {m.spec.backend}, which needs a GPU, and this server has none"
                        if devices else f"model {m.name} has no device to run on")
                 if lost:
