@@ -9,6 +9,7 @@ copy when two folds must diverge (the brain's view and the plain registry).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -231,12 +232,17 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             state.asked.add(m.name)
             recent = m.recent
             # its ranks among the models now, before this arrival counts (first arrivals: misses)
-            last = recent[-1] if recent else None
+            last = recent[-1] if recent else math.inf
             count = m.arrivals
-            state.reuse.add(
-                sum(1 for x in state.models.values() if x.recent and x.recent[-1] > last)
-                if last is not None else REUSE_RANKS,
-                sum(1 for x in state.models.values() if x.arrivals > count) if count else REUSE_RANKS)
+            since = more = 0
+            for x in state.models.values():  # one pass: models asked since its last, and asked more
+                if x.arrivals > count:
+                    more += 1
+                    if x.recent and x.recent[-1] > last:
+                        since += 1
+                elif x.recent and x.recent[-1] > last:
+                    since += 1
+            state.reuse.add(since if recent else REUSE_RANKS, more if count else REUSE_RANKS)
             m.arrivals += 1
             if recent:
                 if not m.gaps:
