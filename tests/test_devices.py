@@ -33,3 +33,31 @@ def test_memory_others_hold_on_a_gpu_is_shown_logged_once_and_respected(make_ser
     server.wait_committed()
     samples = [e for _, e in read_events(server.db, types=["DeviceSampled"])]
     assert len(samples) == 1 and samples[0].foreign_bytes == 700 * MiB
+
+
+def test_two_gpus_each_take_a_model_and_their_loads_run_at_the_same_time(make_server, tiny_llama, tiny_gpt2):
+    """Two fake GPUs with room for one tiny model each (~385 MiB estimated): two models asked for
+    at once go one per GPU, and the second load starts before the first completes."""
+    import concurrent.futures
+
+    import httpx
+
+    from modelium.core.messages import Load, LoadCompleted, LoadStarted
+
+    server = make_server(args=["--fake-gpus", "2x600MiB"], extra_env={"MODELIUM_SPARE_WORKERS": "0"}).start()
+    copy_model(tiny_llama, server.models, "llama")
+    copy_model(tiny_gpt2, server.models, "gpt2")
+    server.wait_model("llama")
+    server.wait_model("gpt2")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda m: httpx.post(server.url + "/v1/completions", timeout=120, json={
+            "model": m, "prompt": "Hello", "max_tokens": 2}), ["llama", "gpt2"]))
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    server.wait_committed()
+    evs = list(read_events(server.db, types=["Load", "LoadStarted", "LoadCompleted"]))
+    loads = {e.model: e.device for _, e in evs if isinstance(e, Load)}
+    assert sorted(loads.values()) == ["gpu:0", "gpu:1"]  # one each: neither holds two
+    started = [s for s, e in evs if isinstance(e, LoadStarted)]
+    completed = [s for s, e in evs if isinstance(e, LoadCompleted)]
+    assert len(started) == len(completed) == 2
+    assert max(started) < min(completed)  # both loads were under way at once
