@@ -198,26 +198,34 @@ class Sample:
     foreign: int | None = None
 
 
-def own_pids() -> set[int]:
-    """This server's process and every process below it (its workers, warm or loaded)."""
-    me = os.getpid()
-    try:
-        import psutil
-
-        return {me} | {p.pid for p in psutil.Process(me).children(recursive=True)}
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - a process that ends while listed
-        return {me}
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
+def process_table() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, session id) of every process ``/proc`` shows (the ones that end while
+    being read are left out)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                found.append((int(entry.name), int(fields[1]), int(fields[3])))
             except (OSError, ValueError, IndexError):
                 continue
-    ours, grew = {me}, True
+    return found
+
+
+def process_strings(pid: int, name: str) -> list[bytes]:
+    """``/proc/PID/cmdline`` or ``environ`` as its NUL-separated strings ([] when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def own_pids() -> set[int]:
+    """This server's process and every process below it (its workers, warm or loaded)."""
+    parents = {pid: ppid for pid, ppid, _ in process_table()}
+    ours, grew = {os.getpid()}, True
     while grew:
         below = {pid for pid, ppid in parents.items() if ppid in ours and pid not in ours}
         ours |= below
@@ -259,12 +267,3 @@ def sample(device: DeviceInfo, ours: set[int] | None = None) -> Sample | None:
             pynvml.nvmlShutdown()
     except Exception as e:  # noqa: BLE001 - every NVML failure on this GPU says the same: unreadable
         raise DeviceError(f"NVML cannot read {device.name}: {e}") from None
-
-
-def sample_free(device: DeviceInfo) -> int | None:
-    """Free memory on ``device`` right now (None when it cannot be read)."""
-    try:
-        s = sample(device, ours=set())
-    except DeviceError:
-        return None
-    return s.free if s is not None and not device.fake else None

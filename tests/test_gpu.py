@@ -3,7 +3,7 @@ Skipped without CUDA (run them where a GPU is lent: `pytest -m gpu`)."""
 
 import pytest
 
-from modelium.hardware import detect_devices, sample_free
+from modelium.hardware import detect_devices, sample
 from helpers import run_on
 
 from modelium.core.messages import Generation
@@ -30,8 +30,8 @@ def test_nvml_reports_every_gpu_with_its_memory():
     assert len(gpus) == torch.cuda.device_count() and not any(g.fake for g in gpus)
     for g in gpus:
         assert g.total_bytes > 2**30 and 0 < g.budget_bytes < g.total_bytes
-        free = sample_free(g)
-        assert free is not None and 0 < free <= g.total_bytes
+        s = sample(g)
+        assert s is not None and 0 < s.free <= g.total_bytes
         assert g.torch_device == f"cuda:{g.index}"
 
 

@@ -176,6 +176,20 @@ class Calls:
             self.open.discard(self.ids[offset // self.per])
         return offset, frame
 
+    async def whole(self) -> Generated:
+        """Every frame of the submitted requests, gathered into one answer; a Failed frame raises
+        its error. The calls are closed at the end (what has not ended is cancelled)."""
+        acc = Generated(len(self.reqs) * self.per)
+        try:
+            while (item := await self.next()) is not None:
+                offset, frame = item
+                if isinstance(frame, Failed):
+                    raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
+                acc.add(frame, offset)
+        finally:
+            self.close()
+        return acc
+
     def close(self) -> None:
         """The handler is done; requests that have not ended are cancelled (client gone)."""
         self._recv.close()
@@ -374,16 +388,7 @@ def create_app(system: Any) -> QuartTrio:
         await calls.submit()
         n = len(calls.reqs) * calls.per
         if not stream:
-            try:
-                acc = Generated(n)
-                while (item := await calls.next()) is not None:
-                    offset, frame = item
-                    if isinstance(frame, Failed):
-                        raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
-                    acc.add(frame, offset)
-                return jsonify(build_final(acc))
-            finally:
-                calls.close()
+            return jsonify(build_final(await calls.whole()))
 
         # streaming: wait for the first frame, so that a request that fails before its first
         # token gets a proper HTTP status; then stream
@@ -597,15 +602,8 @@ def create_app(system: Any) -> QuartTrio:
             calls = Calls(system, name, kind, [gen], prefix="predict", per=gen.n, tenant=tenant, priority=body.priority,
                           keep_alive_s=body.keep_alive,
                           chars=[len(gen.prompt) + sum(len(m.content) for m in gen.messages)])
-            acc = Generated(gen.n)
-            try:
-                await calls.submit()
-                while (item := await calls.next()) is not None:
-                    if isinstance(item[1], Failed):
-                        raise ModeliumError(item[1].kind, item[1].message, param=item[1].param or None)
-                    acc.add(item[1], item[0])
-            finally:
-                calls.close()
+            await calls.submit()
+            acc = await calls.whole()
             texts = [acc.choice_text(i) for i in range(gen.n)]
             output = texts[0] if gen.n == 1 else texts
             u = usage(acc.prompt_tokens, acc.completion_tokens)

@@ -36,7 +36,7 @@ from modelium.api.principal import principal
 from modelium.core.routing import priority_for
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest
 from modelium.core.errors import ErrorKind, ModeliumError
-from modelium.core.messages import Failed, JobAccepted
+from modelium.core.messages import JobAccepted
 from storage.jobs import JOB_STATES, Job, can_see, is_expired
 
 _json = msgspec.json.Encoder()
@@ -141,17 +141,8 @@ async def execute_job(system: Any, job: Job) -> str:
 
 
 async def _generate(calls: Calls) -> Generated:
-    acc = Generated(len(calls.reqs) * calls.per)
-    try:
-        await calls.submit()
-        while (item := await calls.next()) is not None:
-            offset, frame = item
-            if isinstance(frame, Failed):
-                raise ModeliumError(frame.kind, frame.message, param=frame.param or None)
-            acc.add(frame, offset)
-    finally:
-        calls.close()
-    return acc
+    await calls.submit()
+    return await calls.whole()
 
 
 def _queueing(req: Any) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from modelium.backends.base import Outcome
 from modelium.backends.framing import FrameError, TrioChannel, encode_frame
 from modelium.backends.hf_worker import set_idle_priority
 from modelium.core.errors import ErrorKind, ModeliumError
-from modelium.hardware import DeviceInfo
+from modelium.hardware import DeviceInfo, process_strings, process_table
 from modelium.core.messages import (
     CancelJob,
     Done,
@@ -797,17 +797,8 @@ class HFBackend:
     def processes(tag: str) -> list[tuple[int, int]]:
         """(pid, parent pid) of the worker processes whose command line carries ``tag``."""
         found = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-                with open(f"/proc/{pid}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
+        for pid, ppid, _ in process_table():
+            argv = process_strings(pid, "cmdline")
             if WORKER_MODULE.encode() in argv and tag.encode() in argv:
                 found.append((pid, ppid))
         return found

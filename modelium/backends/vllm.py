@@ -84,7 +84,7 @@ from modelium.core.vllm_args import (
     request_body,
     serve_argv,
 )
-from modelium.hardware import DeviceInfo
+from modelium.hardware import DeviceInfo, process_strings, process_table
 
 log = logging.getLogger("modelium.backends.vllm")
 
@@ -650,21 +650,7 @@ class VLLMBackend:
         if not tag:
             return []
         marker = f"{TAG_ENV}={tag}".encode()
-        found = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    if marker not in f.read().split(b"\0"):
-                        continue
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                found.append((pid, int(fields[1]), int(fields[3])))
-            except (OSError, ValueError, IndexError):
-                continue
-        return found
+        return [(pid, ppid, sid) for pid, ppid, sid in process_table() if marker in process_strings(pid, "environ")]
 
     @staticmethod
     def reap_orphans(tag: str) -> list[int]:
