@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 		echo "no NVIDIA GPU: installing torch 2.13.0 (CPU build)"; \
 		$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,ray]"
 	@touch $(STAMP)
 
 serve: $(STAMP)

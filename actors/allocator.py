@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from actors.base import Actor, Reply
-from modelium.core.memory import Ledger
+from modelium.core.memory import SPARES, Ledger
 from modelium.hardware import DeviceError, DeviceInfo, sample
 from modelium.core.messages import (
     DeviceHealth,
@@ -42,14 +42,18 @@ def moved(last: DeviceSampled | None, free: int, foreign: int, total: int, thres
 
 
 class Allocator(Actor):
-    def __init__(self, log: EventLog, device: DeviceInfo, registry: State, *, sample_s: float = 30.0,
-                 threshold: float = 0.05, error_limit: int = 3):
+    def __init__(self, log: EventLog, device: DeviceInfo, registry: State, *, spare_bytes: int = 0,
+                 sample_s: float = 30.0,
+                 threshold: float = 0.05, error_limit: int = 3, sampler: Any = None):
         super().__init__(f"allocator:{device.name}")
+        # reads the device now (modelium.hardware.sample; a Ray cluster's devices: their node's health)
+        self.sampler = sampler
         self.log = log
         self.device = device
         self.registry = registry
         self.sample_s = sample_s
         self.threshold = threshold
+        self.spare_bytes = spare_bytes  # charged to the ledger for the warm spares kept for this device
         self.error_limit = error_limit  # failed samples in a row that make the device unavailable
         self.unavailable: str | None = None  # why it is unavailable (None: it is not)
         self.ledger = Ledger(device.name, device.budget_bytes)
@@ -65,13 +69,19 @@ class Allocator(Actor):
         entry = self.registry.devices.get(self.device.name)
         self.ledger = Ledger(self.device.name, self.device.budget_bytes - (entry.foreign_bytes if entry else 0),
                              dict(entry.reserved) if entry else {})
+        if self.spare_bytes and self.ledger.held.get(SPARES) != self.spare_bytes:
+            # the warm spare workers kept for this device hold memory too: charged, not granted
+            self.ledger.held[SPARES] = self.spare_bytes
+            self.log.publish(Reserved(device=self.device.name, model=SPARES, bytes=self.spare_bytes))
 
     async def background(self) -> None:
+        if self.device.kind == "host":
+            return  # host memory for parked weights: a budget the operator set, nothing to sample
         last: DeviceSampled | None = None
         errors = 0
         while True:
             try:
-                s = await trio.to_thread.run_sync(sample, self.device)
+                s = await trio.to_thread.run_sync(self.sampler or sample, self.device)
             except DeviceError as e:
                 errors += 1
                 if errors == self.error_limit and self.unavailable is None:
@@ -104,6 +114,14 @@ class Allocator(Actor):
             if self.ledger.adjust(msg.model, msg.bytes) is None:
                 return Refused(device=self.device.name, reason=f"{msg.model} holds nothing on {self.device.name}")
             self.log.publish(Reserved(device=self.device.name, model=msg.model, bytes=msg.bytes, measured=True))
+            return Granted(device=self.device.name, bytes=msg.bytes)
+        if isinstance(msg, Reserve) and msg.resize:
+            if self.unavailable is not None and msg.bytes > self.ledger.held.get(msg.model, 0):
+                return Refused(device=self.device.name, reason=f"{self.device.name} is unavailable: {self.unavailable}")
+            why = self.ledger.resize(msg.model, msg.bytes)
+            if why is not None:
+                return Refused(device=self.device.name, reason=why)
+            self.log.publish(Reserved(device=self.device.name, model=msg.model, bytes=msg.bytes))
             return Granted(device=self.device.name, bytes=msg.bytes)
         if isinstance(msg, Reserve) and self.unavailable is not None:
             return Refused(device=self.device.name, reason=f"{self.device.name} is unavailable: {self.unavailable}")

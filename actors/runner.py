@@ -49,6 +49,8 @@ from modelium.core.messages import (
     LoadFailed,
     LoadStarted,
     ModelSpec,
+    Park,
+    Parked,
     Refused,
     Reject,
     Release,
@@ -56,12 +58,16 @@ from modelium.core.messages import (
     RunnerGone,
     RunnerReady,
     Unloaded,
+    Wake,
+    Woken,
     WorkerCrashed,
 )
 from storage.eventlog import EventLog
 from storage.registry import State
 
 log = logging.getLogger("modelium.runner")
+
+HOST = "host"  # the allocator of host memory for parked weights (``park_host_bytes``), when there is one
 
 # a job cancelled for this reason (a Cancel's kind) ends with this status
 STATUS_OF_CANCEL = {"cancelled": "cancelled", "timeout": "timeout", "shutting_down": "cancelled"}
@@ -97,8 +103,15 @@ def result_of(request_id: str, outcome: Outcome, cancel_kind: str, started: floa
 class Runner(Actor):
     def __init__(self, *, log: EventLog, model: str, spec: ModelSpec, device: DeviceInfo, nbytes: int,
                  backend: Any, allocator: Actor, router: Actor, grace_s: float, max_inflight: int,
-                 measured_memory: bool = True, memory_watch_s: float = 0.0, memory_margin: float = 0.25):
+                 measured_memory: bool = True, memory_watch_s: float = 0.0, memory_margin: float = 0.25,
+                 host_allocator: Actor | None = None):
         super().__init__(f"runner:{model}")
+        self.host_allocator = host_allocator  # the host memory's ledger, for parked weights (None: no parking)
+        self._park: Park | None = None  # asked to park (the brain's decision), not done yet
+        self._wake: Wake | None = None  # asked to wake, not done yet
+        self.parked = False
+        self.moved = trio.Event()  # set once a park asked for is over (parked, or failed: stopping)
+        self._poke = trio.Event()
         self.measured_memory = measured_memory
         self.memory_watch_s = memory_watch_s
         self.memory_margin = memory_margin
@@ -128,6 +141,21 @@ class Runner(Actor):
         if self.stop_reason is None:
             self.stop_reason = reason
             self._stop.set()
+            self._poke.set()
+
+    def request_park(self, d: Park) -> None:
+        """Drain, then move the weights to host memory (``moved`` is set when that is over)."""
+        self._park = d
+        self.moved = trio.Event()
+        self._poke.set()
+
+    def request_wake(self, d: Wake) -> None:
+        self._wake = d
+        self._poke.set()
+
+    async def _poked(self) -> None:
+        await self._poke.wait()
+        self._poke = trio.Event()
 
     async def run(self):  # type: ignore[override]
         """Load, serve until stopped or the worker dies; return the terminal event."""
@@ -142,6 +170,9 @@ class Runner(Actor):
                     await self.worker.stop(grace_s=1.0)
                 if not server_stopping:
                     await self.allocator.ask(Release(model=self.model))
+                    if self.host_allocator is not None:
+                        await self.host_allocator.ask(Release(model=self.model))
+                self.moved.set()
                 self.done.set()
 
     async def _life(self):
@@ -190,6 +221,8 @@ class Runner(Actor):
                                        weights_s=round(getattr(loaded, "weights_s", 0.0), 4),
                                        warmup_s=round(getattr(loaded, "warmup_s", 0.0), 4),
                                        loader=getattr(loaded, "loader", ""),
+                                       parkable=(self.host_allocator is not None and self.device.kind == "gpu"
+                                                 and bool(getattr(w, "can_park", False))),
                                        memory_bytes=w.memory_bytes))
         await self.router.tell(RunnerReady(model=m, runner=self, max_inflight=self.max_inflight))
 
@@ -210,17 +243,21 @@ class Runner(Actor):
             n.start_soon(self._mailbox)
             if self.memory_watch_s > 0 and self.device.torch_device == "cpu":
                 n.start_soon(self._watch_memory, w, oom, n.cancel_scope)
-            await self._stop.wait()
-            self.stopping = True
-            if self.jobs:
-                with trio.move_on_after(self.grace_s):
-                    await self._drained.wait()
-            if self.jobs:  # past the grace period: they end now, with a reason
-                for request_id in list(self.jobs):
-                    self._cancel(Cancel(request_id=request_id, kind="unavailable", reason=(
-                        f"the model '{m}' was unloaded before the request finished ({self.stop_reason})")))
-                with trio.move_on_after(CANCEL_WAIT_S):
-                    await self._drained.wait()
+            while True:
+                while self.stop_reason is None and self._park is None:
+                    await self._poked()
+                self.stopping = True  # requests that reach the mailbox now go back to the router
+                await self._drain(self.stop_reason or self._park.reason)
+                if self.stop_reason is not None:
+                    break
+                if not await self._park_worker(w):
+                    break
+                while self.stop_reason is None and self._wake is None:
+                    await self._poked()
+                if self.stop_reason is not None or not await self._wake_worker(w):
+                    break
+                self.stopping = False
+                await self.router.tell(RunnerReady(model=m, runner=self, max_inflight=self.max_inflight))
             n.cancel_scope.cancel()
         self.nursery = None
         self._close_mailbox()
@@ -238,6 +275,75 @@ class Runner(Actor):
                                  detail=getattr(w, "output_tail", "")[-4000:])
         return Unloaded(model=m, device=dev, reason=self.stop_reason or "")
 
+    async def _drain(self, why: str) -> None:
+        """Let the requests in flight finish for ``grace_s``, then end them with the reason."""
+        if self.jobs:
+            with trio.move_on_after(self.grace_s):
+                await self._drained.wait()
+        if self.jobs:  # past the grace period: they end now, with a reason
+            for request_id in list(self.jobs):
+                self._cancel(Cancel(request_id=request_id, kind="unavailable", reason=(
+                    f"the model '{self.model}' was unloaded before the request finished ({why})")))
+            with trio.move_on_after(CANCEL_WAIT_S):
+                await self._drained.wait()
+
+    async def _park_worker(self, w: Any) -> bool:
+        """Carry out the Park asked for: the host's ledger takes the weights, the worker moves them
+        there, the device's ledger keeps only the runtime; ``Parked``. False (with ``stop_reason``
+        set: the runner stops) when the host refuses or the move fails."""
+        d, self._park = self._park, None
+        assert d is not None
+        try:
+            if self.host_allocator is None:
+                self.stop_reason = f"{d.reason}; this server has no host memory for parked models, so it is unloaded"
+                return False
+            answer = await self.host_allocator.ask(Reserve(model=self.model, bytes=d.host_bytes))
+            if isinstance(answer, Refused):
+                self.stop_reason = f"{d.reason}; host memory refused it ({answer.reason}), so it is unloaded"
+                return False
+            t0 = trio.current_time()
+            try:
+                await w.park()
+            except Exception as exc:  # noqa: BLE001 - a failed park unloads the model
+                await self.host_allocator.ask(Release(model=self.model))
+                self.stop_reason = f"{d.reason}; parking failed ({exc}), so it is unloaded"
+                log.error("model %s: parking failed: %r", self.model, exc)
+                return False
+            park_s = trio.current_time() - t0
+            await self.allocator.ask(Reserve(model=self.model, bytes=d.keep_bytes, resize=True))
+            self.nbytes = d.keep_bytes
+            self.parked = True
+            self.log.publish(Parked(model=self.model, device=self.device.name, host_bytes=d.host_bytes,
+                                    device_bytes=d.keep_bytes, park_s=round(park_s, 4)))
+            return True
+        finally:
+            self.moved.set()
+
+    async def _wake_worker(self, w: Any) -> bool:
+        """Carry out the Wake asked for: the device's ledger takes the model's bytes again, the
+        worker moves its weights back, the host's ledger lets them go; ``Woken``. False (with
+        ``stop_reason`` set) when the device refuses or the move fails."""
+        d, self._wake = self._wake, None
+        assert d is not None
+        answer = await self.allocator.ask(Reserve(model=self.model, bytes=d.bytes, resize=True))
+        if isinstance(answer, Refused):
+            self.stop_reason = f"waking it failed: {answer.reason}"
+            return False
+        self.nbytes = d.bytes
+        t0 = trio.current_time()
+        try:
+            await w.wake()
+        except Exception as exc:  # noqa: BLE001 - a failed wake unloads the model
+            self.stop_reason = f"waking it failed ({exc})"
+            log.error("model %s: waking failed: %r", self.model, exc)
+            return False
+        self.parked = False
+        if self.host_allocator is not None:
+            await self.host_allocator.ask(Release(model=self.model))
+        self.log.publish(Woken(model=self.model, device=self.device.name,
+                               wake_s=round(trio.current_time() - t0, 4)))
+        return True
+
     async def _watch_memory(self, w: Any, oom: list[tuple[int, int]], scope: trio.CancelScope) -> None:
         """Every ``memory_watch_s``, measure the worker (its resident set); once it holds more
         than its grant (what the device's ledger holds for it) plus ``memory_margin``, stop it:
@@ -247,8 +353,10 @@ class Runner(Actor):
             return  # a backend without a local worker process: nothing to measure
         while True:
             await trio.sleep(self.memory_watch_s)
-            if self.stopping:
+            if self.stop_reason is not None:
                 return
+            if self.stopping or self.parked:
+                continue  # parking, parked or waking: the grant is not what it holds
             measured = process_rss(pid)
             grant = self.nbytes
             if measured is None or measured <= grant * (1 + self.memory_margin):
@@ -390,7 +498,7 @@ class Runners(Service):
         # own device only, while it drains
         self.execution = Execution()
         self.seen = self.executed
-        sub = self.log.subscribe(since=self.executed, types=["Load", "Evict", "Reject"])
+        sub = self.log.subscribe(since=self.executed, types=["Load", "Evict", "Reject", "Park", "Wake"])
         try:
             async for seq, decision in sub:
                 self.seen = seq
@@ -411,6 +519,14 @@ class Runners(Service):
             await self._load(d)
         elif isinstance(d, Evict):
             self.nursery.start_soon(self._evict, d, device)
+        elif isinstance(d, Park):
+            self.nursery.start_soon(self._park, d, device)
+        elif isinstance(d, Wake):
+            runner = self.runners.get(d.model)
+            if runner is None or not runner.parked:
+                self.log.publish(LoadFailed(model=d.model, device=d.device, reason="it has no parked worker to wake"))
+            else:
+                runner.request_wake(d)
         elif isinstance(d, Reject):
             await self.router.tell(FailQueued(model=d.model, reason=d.reason, through=d.through, kind=d.kind))
 
@@ -440,7 +556,8 @@ class Runners(Service):
         runner = Runner(log=self.log, model=d.model, spec=entry.spec, device=device, nbytes=d.bytes,
                         backend=backend, allocator=allocator, router=self.router, grace_s=self.grace_s,
                         max_inflight=self.max_inflight, measured_memory=self.measured_memory,
-                        memory_watch_s=self.memory_watch_s, memory_margin=self.memory_margin)
+                        memory_watch_s=self.memory_watch_s, memory_margin=self.memory_margin,
+                        host_allocator=self.allocators.get(HOST))
         self.runners[d.model] = runner
         self._runner_nursery.start_soon(self._run_runner, runner, name=runner.name)
 
@@ -458,6 +575,19 @@ class Runners(Service):
                 await self.router.tell(RunnerGone(model=runner.model, runner=runner))
         if terminal is not None:
             self.log.publish(terminal)
+
+    async def _park(self, d: Park, device: str | None) -> None:
+        runner = self.runners.get(d.model)
+        if runner is not None:
+            await self.router.tell(RunnerGone(model=d.model, runner=runner))
+            runner.request_park(d)
+            await runner.moved.wait()  # its weights left the device (or it is stopping): what waited runs
+            if runner.stop_reason is not None:  # it could not park: it unloads instead
+                await runner.done.wait()
+        if device is not None:
+            for _, nxt in self.execution.evicted(device):
+                await self.execute(nxt, device)
+            self._mark_executed()
 
     async def _evict(self, d: Evict, device: str | None) -> None:
         runner = self.runners.get(d.model)

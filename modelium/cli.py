@@ -1,6 +1,7 @@
 """The ``modelium`` command.
 
   modelium serve [--models DIR] [--db FILE] [--host H] [--port P] [--config FILE] ...
+  modelium check [--models DIR] [--db FILE] [--host H] [--port P] [--config FILE] [--json]
   modelium demo-model DIR [--family llama|gpt2|bert-cls|t5]
   modelium replay [incident] DB [--json]
   modelium replay simulate WORKLOAD [--policy lru,belady] [--devices 80GiB,80GiB] [--json] [--plot F]
@@ -35,7 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         "models_dirs": args.models, "db": args.db, "host": args.host, "port": args.port,
         "cpu_memory": args.cpu_memory, "keep_alive_s": args.keep_alive, "fake_gpus": args.fake_gpus,
+        "park_host_bytes": args.park_host,
         "spare_workers": args.spare_workers, "log_level": args.log_level, "policy": args.policy,
+        "log_format": args.log_format,
     }
     if args.policy_param:
         overrides["policy_settings"] = dict(args.policy_param)
@@ -43,13 +46,23 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["insecure"] = True
     try:
         settings = load_settings(config_file=args.config, overrides=overrides)
+        if args.ray:  # the other cluster settings stay as the file or environment set them
+            settings.cluster = settings.cluster.model_copy(update={"ray": args.ray})
     except ConfigError as e:
         print(f"modelium: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from modelium.logformat import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack
     for d in settings.models_dirs:
-        d.mkdir(parents=True, exist_ok=True)
+        if not d.is_dir():
+            try:
+                d.mkdir(parents=True)
+            except OSError as e:
+                print(f"modelium: cannot create the models folder {d}: {e}", file=sys.stderr)
+                return 1
+            logging.getLogger("modelium").warning("the models folder %s did not exist: created it (empty)", d)
 
     async def main() -> None:
         async with trio.open_nursery() as n:
@@ -191,7 +204,8 @@ def _simulate(args: argparse.Namespace) -> int:
         if args.devices:
             devices = parse_devices(args.devices)
         elif args.from_log:
-            devices = {e.device: e.budget_bytes for _, e in read_events(args.workload, types=["DeviceRegistered"])}
+            devices = {e.device: e.budget_bytes for _, e in read_events(args.workload, types=["DeviceRegistered"])
+                       if e.kind != "host"}  # host memory for parked models is not a place to load on
             if not devices:
                 return fail(f"{args.workload} registers no device: give --devices")
         else:
@@ -210,6 +224,11 @@ def _simulate(args: argparse.Namespace) -> int:
             from modelium.hardware import parse_bytes
 
             model_bytes = parse_bytes(args.model_bytes)
+        from modelium.hardware import parse_bytes as _bytes
+
+        park_host = _bytes(args.park_host) if args.park_host else 0
+        if args.wake_s < 0:
+            return fail(f"--wake-s must be 0 or more, not {args.wake_s:g}")
     except (WorkloadError, SimulationError, LogError, ConfigError, ValueError) as e:
         return fail(str(e))
 
@@ -221,6 +240,7 @@ def _simulate(args: argparse.Namespace) -> int:
         mine = {k: v for k, v in params.items() if k in accepted}
         config = Config(devices=devices, policy=name, params=mine, model_bytes=model_bytes, load_s=args.load_s,
                         service_s=args.service_s, tick_s=args.tick_s, tenant_shares=shares,
+                        park_host_bytes=park_host, wake_s=args.wake_s,
                         **({"max_inflight": args.max_inflight} if args.max_inflight else {}))
         bar = None
         if sys.stderr.isatty() and not args.json:
@@ -367,10 +387,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cpu-memory", help="memory Modelium may use on the CPU, e.g. 8GiB (default: half the RAM)")
     s.add_argument("--keep-alive", type=float, help="seconds an idle model stays loaded (default 300)")
     s.add_argument("--fake-gpus", help="pretend to have GPUs, e.g. 2x24GiB (models run on the CPU)")
+    s.add_argument("--park-host", help="host memory parked models' weights may hold, e.g. 32GiB (default 0: no parking)")
     s.add_argument("--spare-workers", type=int, help="warm worker processes kept ready per device (default 1)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", choices=["text", "json"], help="json: one JSON object per log line (default text)")
     s.add_argument("--insecure", action="store_true",
                    help="serve on a non-loopback address without API keys (anyone who reaches it is an admin)")
+    s.add_argument("--ray", metavar="ADDRESS",
+                   help="run models' workers on the nodes of this Ray cluster (HOST:PORT or auto; needs modelium[ray])")
     s.set_defaults(fn=_serve)
 
     d = sub.add_parser("demo-model", help="write a tiny real model (random weights) into a folder")
@@ -406,6 +430,8 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--load-s", type=float, help="load time of models the workload gives none for (default 0)")
     rs.add_argument("--service-s", type=float, help="service time of requests the workload gives none for (default 0)")
     rs.add_argument("--tick-s", type=float, default=5.0, help="period of Tick events (time-based decisions)")
+    rs.add_argument("--park-host", help="host memory for parked models' weights, e.g. 64GiB (default: no parking)")
+    rs.add_argument("--wake-s", type=float, default=0.2, help="with --park-host: seconds a parked model takes to wake")
     rs.add_argument("--max-inflight", type=int, help="requests one model serves at once (default 64)")
     rs.add_argument("--tenant-shares", help="the router's weights over tenants, YAML or JSON: '{\"acme\": 2}'")
     rs.add_argument("--slo-s", type=float, help="report the share of requests whose first token comes within this")
@@ -443,6 +469,9 @@ def parser() -> argparse.ArgumentParser:
     from modelium.operator_cli import add_commands as add_operator_commands
 
     add_operator_commands(sub)  # load|unload|pin|unpin MODEL (a running server's admin routes)
+    from modelium.check import add_command as add_check_command
+
+    add_check_command(sub)  # check [--json]: this machine and the settings serve would use
     return p
 
 

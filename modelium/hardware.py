@@ -45,7 +45,7 @@ def format_bytes(n: int | float) -> str:
 @dataclass(frozen=True)
 class DeviceInfo:
     name: str  # "cpu", "gpu:0", ...
-    kind: str  # "cpu" | "gpu"
+    kind: str  # "cpu" | "gpu" | "host" (host memory for parked models: a ledger, never a placement)
     label: str  # human name (GPU model)
     total_bytes: int
     budget_bytes: int  # what Modelium may hand out
@@ -56,6 +56,8 @@ class DeviceInfo:
     fake_oom_bytes: int = 0
     # a fake GPU on which processes that are not Modelium's hold this many bytes ("24GiB+4GiB")
     fake_foreign_bytes: int = 0
+    # a device of a Ray cluster: its node's id (hex); "" for this machine's (modelium.backends.ray)
+    node: str = ""
 
     @property
     def torch_device(self) -> str:

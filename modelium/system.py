@@ -23,14 +23,15 @@ from actors.allocator import Allocator
 from actors.brain import Brain
 from actors.base import Supervisor
 from actors.router import Router
-from actors.runner import Runners
+from actors.runner import HOST, Runners
 from actors.ticker import Ticker
 from actors.watcher import Watcher
 from modelium.core.analysis import AnalysisOptions
 from modelium.api.server import API_CLOSE_S, serve_http
 from modelium.backends import BACKENDS, backend_class
 from modelium.core.config import Settings
-from modelium.hardware import DeviceInfo, detect_devices
+from modelium.core.memory import spare_charges
+from modelium.hardware import DeviceInfo, cpu_total_bytes, detect_devices
 from modelium.core.messages import RequestFinished, ServerStarted, ServerStopped, StopAdmitting
 from modelium.core.policies import configured_policy
 from storage.eventlog import EventLog
@@ -100,7 +101,15 @@ class System:
         with trio.move_on_after(drain_s):
             await self.router.drained()
         if self.router.busy:
-            log.warning("%d request(s) still unanswered after %g s; stopping anyway", self.router.busy, drain_s)
+            log.warning("%d request(s) still unanswered after %g s; ending them (shutting_down)",
+                        self.router.busy, drain_s)
+            # each gets an error frame (a stream: an error event, then [DONE]) and its outcome in the log
+            for request_id in [*self.router.q.queued, *self.router.q.inflight]:
+                self.router.cancel(request_id, kind="shutting_down", reason=(
+                    f"the server is stopping and the request did not finish within the {drain_s:g} s "
+                    f"it had to; retry it"))
+            with trio.move_on_after(2.0):
+                await self.router.drained()
         self.stop_accepting.set()  # close the listener; answers being written get a moment
         with trio.move_on_after(API_CLOSE_S + 1):
             await self.api_stopped.wait()
@@ -153,6 +162,21 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
     reaped = reap_orphans(tag)
     if reaped:
         log.warning("killed %d worker process(es) left by an earlier server: %s", len(reaped), reaped)
+    cluster = None
+    if settings.cluster.ray:  # a Ray cluster's nodes are the devices (modelium.backends.ray)
+        from modelium.backends.ray import RayCluster
+
+        cluster = RayCluster(settings.cluster.ray)
+        try:
+            await trio.to_thread.run_sync(cluster.connect)
+            if devices is None:
+                devices = await trio.to_thread.run_sync(lambda: cluster.devices(
+                    cpu_memory=settings.cpu_memory, gpu_fraction=settings.gpu_memory_fraction,
+                    gpu_reserve=settings.gpu_memory_reserve))
+        except BaseException:
+            elog.close()
+            cluster.close()
+            raise
     devs = devices if devices is not None else detect_devices(
         cpu_budget=settings.cpu_memory, gpu_fraction=settings.gpu_memory_fraction,
         gpu_reserve=settings.gpu_memory_reserve, fake_gpus=settings.fake_gpus, use_gpus=settings.use_gpus)
@@ -177,8 +201,20 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                                        models_dirs=[str(p) for p in settings.models_dirs],
                                        address=f"{settings.host}:{settings.port}"))
             sup = Supervisor(elog.publish)
-            allocators = {d.name: Allocator(elog, d, registry, sample_s=settings.device_sample_s,
-                                            threshold=settings.device_sample_threshold) for d in devs}
+            # the warm spares the transformers backend keeps for each device are charged to its
+            # ledger (a Ray cluster keeps none)
+            spares = {} if cluster is not None else spare_charges(
+                settings.spare_workers, settings.runtime_overhead, [(d.name, d.kind, d.torch_device) for d in devs])
+            allocators = {d.name: Allocator(elog, d, registry, spare_bytes=spares.get(d.name, 0),
+                                            sample_s=settings.device_sample_s,
+                                            threshold=settings.device_sample_threshold,
+                                            sampler=cluster.sample if cluster is not None and d.node else None)
+                          for d in devs}
+            if settings.park_host_bytes > 0 and any(d.kind == "gpu" for d in devs):
+                # host memory for parked weights: a ledger of its own (nothing loads on it)
+                host = DeviceInfo(name=HOST, kind="host", label="host memory for parked models",
+                                  total_bytes=cpu_total_bytes(), budget_bytes=settings.park_host_bytes)
+                allocators[HOST] = Allocator(elog, host, registry)
             for a in allocators.values():
                 sup.start(root, a)
             backends = {"transformers": backend_class("transformers")(
@@ -189,6 +225,10 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                 command=settings.vllm_command, extra_args=settings.vllm_args, tag=tag,
                 log_dir=Path(settings.db).parent / f"{Path(settings.db).stem}-logs",
                 ready_timeout_s=settings.vllm_ready_timeout_s, sleep_mode=settings.vllm_sleep_mode)
+            if cluster is not None:  # every worker is a Ray actor on the node of its device
+                from modelium.backends.ray import RayBackend
+
+                backends = {"transformers": RayBackend.from_settings(cluster, settings, tag)}
             for backend in backends.values():
                 await root.start(backend.run)
             router = sup.start(root, Router(elog, registry, max_queue=settings.max_queue,
@@ -239,3 +279,5 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                 elog.close()
             except Exception:  # noqa: BLE001 - closing must not hide the original error
                 log.exception("closing the event log failed")
+            if cluster is not None:
+                cluster.close()

@@ -1,7 +1,8 @@
 """What a simulated run cost: cold starts, loads, thrash, waits, memory. Pure functions of a
 :class:`replay.simulator.Result`.
 
-* a request is a **cold start** when its model was not loaded and ready when it arrived;
+* a request is a **cold start** when its model was not loaded and ready when it arrived (of
+  them, ``woken``: its model was parked, so it waited for a wake, not a load);
 * **thrash** counts loads of a model within ``thrash_s`` (60 s) of its own eviction;
 * the **queue wait** is from arrival to dispatch (also per tenant, under ``per_tenant``); the
   **time to first token** is the queue wait (the simulator models no prefill: service time is one
@@ -60,7 +61,9 @@ def summarize(result: Any, *, slo_s: float | None = None, thrash_s: float = 60.0
         "cold_starts": cold,
         "cold_start_pct": round(100.0 * cold / n, 3) if n else 0.0,
         "cold_start_pct_p75_per_model": _round(percentile(model_pct, 75)),
+        "woken": sum(1 for r in reqs if getattr(r, "parked", False)),
         "loads": len(result.loads),
+        "wakes": len(getattr(result, "wakes", ())),
         "evictions": len(result.evictions),
         "thrash": thrash,
         "queue_wait_s": {k: _round(percentile(waits, p)) for k, p in (("p50", 50), ("p95", 95), ("p99", 99))},

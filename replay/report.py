@@ -1,7 +1,7 @@
 """Simulation reports: a table for the terminal, a stable JSON shape, and plots.
 
 JSON: ``{"workload": {...}, "devices": {...}, "policies": {"NAME": {"requests", "cold_starts",
-"cold_start_pct", "cold_start_pct_p75_per_model", "loads", "evictions", "thrash",
+"cold_start_pct", "cold_start_pct_p75_per_model", "woken", "loads", "wakes", "evictions", "thrash",
 "queue_wait_s": {"p50", "p95", "p99"}, "ttft_s": {"p50", "p99"}, "slo_attainment",
 "memory_gb_h", "idle_gb_h", "unanswered", "events", "wall_s", "settings"}}}``.
 """
@@ -33,12 +33,13 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"workload {w['name']}: {w['requests']:,} requests over {w['duration_s']:,.0f} s, {w['models']} models"]
     lines += [f"  note: {n}" for n in w["notes"]]
     lines.append("devices: " + ", ".join(f"{d} {b / 1e9:g} GB" for d, b in report["devices"].items()))
-    cols = ["policy", "cold starts", "cold %", "p75/model", "loads", "evictions", "thrash", "wait p50",
+    cols = ["policy", "cold starts", "cold %", "p75/model", "loads", "wakes", "evictions", "thrash", "wait p50",
             "wait p99", "SLO", "GB·h", "idle GB·h", "wall"]
     rows = [cols]
     for name, s in report["policies"].items():
         rows.append([name, _fmt(s["cold_starts"]), _fmt(s["cold_start_pct"], "%"),
-                     _fmt(s["cold_start_pct_p75_per_model"], "%"), _fmt(s["loads"]), _fmt(s["evictions"]),
+                     _fmt(s["cold_start_pct_p75_per_model"], "%"), _fmt(s["loads"]), _fmt(s.get("wakes", 0)),
+                     _fmt(s["evictions"]),
                      _fmt(s["thrash"]), _fmt(s["queue_wait_s"]["p50"], " s"), _fmt(s["queue_wait_s"]["p99"], " s"),
                      "-" if s["slo_attainment"] is None else f"{100 * s['slo_attainment']:.1f}%",
                      _fmt(s["memory_gb_h"]), _fmt(s["idle_gb_h"]), f"{s['wall_s']:.2f} s"])

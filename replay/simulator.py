@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from modelium.core.cluster import device_kind, parse_device_name
 from modelium.core.execution import Execution, device_of
 from modelium.core.messages import (
     DECISIONS,
@@ -37,6 +38,8 @@ from modelium.core.messages import (
     LoadStarted,
     ModelDiscovered,
     ModelSpec,
+    Park,
+    Parked,
     Reject,
     Released,
     RequestArrived,
@@ -46,6 +49,8 @@ from modelium.core.messages import (
     ServerStopped,
     Tick,
     Unloaded,
+    Wake,
+    Woken,
 )
 from modelium.core.policies import OFFLINE, Policy, make_policy
 from modelium.core.routing import Queues
@@ -57,6 +62,8 @@ from storage.memlog import MemoryLog
 
 # at one instant: loads finish, then requests finish, then new requests arrive, then time ticks
 _LOADED, _DONE, _ARRIVE, _TICK = 0, 1, 2, 3
+_WOKEN = _LOADED  # a wake ends as a load does
+HOST = "host"  # the ledger of host memory for parked weights (Config.park_host_bytes)
 _DECISION_TYPES = frozenset(DECISIONS)
 
 
@@ -66,7 +73,8 @@ class SimulationError(ValueError):
 
 def parse_devices(text: str) -> dict[str, int]:
     """``"80GiB,80GiB"`` or ``"2x80GiB"`` (GPUs gpu:0, gpu:1, ...) or ``"gpu:0=80GiB,cpu=64GiB"``
-    -> name -> bytes."""
+    -> name -> bytes. Devices of a cluster carry their node: ``"node-a/gpu:0=24GiB,node-b/cpu=64GiB"``
+    (:mod:`modelium.core.cluster`)."""
     out: dict[str, int] = {}
     parts = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
@@ -75,8 +83,10 @@ def parse_devices(text: str) -> dict[str, int]:
     for part in parts:
         name, _, size = part.rpartition("=")
         name = name.strip() or f"gpu:{sum(1 for n in out if n.startswith('gpu:'))}"
-        if name != "cpu" and not (name.startswith("gpu:") and name[4:].isdigit()):
-            raise SimulationError(f"--devices: {name!r} is not a device name (cpu, gpu:0, gpu:1, ...)")
+        try:
+            parse_device_name(name)
+        except ValueError as e:
+            raise SimulationError(f"--devices: {e}") from None
         if name in out:
             raise SimulationError(f"--devices: {name} is given twice")
         try:
@@ -95,6 +105,7 @@ class RequestRecord:
     model: str
     arrived: float
     cold: bool  # its model was not loaded and ready when it arrived
+    parked: bool = False  # ... it was parked (it waited for a wake, not a load)
     dispatched: float = math.nan
     first_token: float = math.nan  # dispatched + the workload's time to first token (0 when unknown)
     finished: float = math.nan
@@ -115,6 +126,7 @@ class Result:
     end: float
     events: int
     wall_s: float = 0.0
+    wakes: list[tuple[float, str]] = field(default_factory=list)  # (time, model) of each finished wake
 
 
 @dataclass
@@ -130,6 +142,9 @@ class Config:
     max_queue: int = 10**9  # a simulation judges policies: no request is turned away for a full queue
     request_timeout_s: float = math.inf
     tenant_shares: dict[str, float] = field(default_factory=dict)  # the router's weights over tenants (default 1)
+    # host memory for parked weights (0: the policy never parks); a wake takes wake_s seconds
+    park_host_bytes: int = 0
+    wake_s: float = 0.2
 
 
 class Simulation:
@@ -157,6 +172,9 @@ class Simulation:
         self.load_counts: dict[str, int] = {}  # model -> loads completed
         self.load_starts: dict[str, int] = {}  # model -> loads started
         self.evictions: list[tuple[float, str]] = []
+        self.wakes: list[tuple[float, str]] = []  # (time, model) of each finished wake
+        if config.park_host_bytes > 0:
+            self.ledgers[HOST] = Ledger(HOST, config.park_host_bytes)
         self.memory: dict[str, list[tuple[float, int, int]]] = {d: [(self.now, 0, 0)] for d in config.devices}
         self.resident = dict.fromkeys(config.devices, 0)  # device -> bytes of its runners
         self.idle = dict.fromkeys(config.devices, 0)  # device -> bytes of its loaded models with no request
@@ -242,6 +260,10 @@ class Simulation:
             self._load(d)
         elif isinstance(d, Evict):
             self._evict(d, device)
+        elif isinstance(d, Park):
+            self._park(d, device)
+        elif isinstance(d, Wake):
+            self._wake(d)
         elif isinstance(d, Reject):
             for p in self.queues.reject(d.model, d.through):
                 self._finish(p, "rejected", d.kind, d.reason)
@@ -292,7 +314,7 @@ class Simulation:
         if not self.busy.get(model):
             self._memory(device, idle=size)
         self.publish(LoadCompleted(ts=self.now, model=model, device=r["device"], load_s=round(load_s, 6),
-                                   memory_bytes=size))
+                                   memory_bytes=size, parkable=HOST in self.ledgers and device_kind(device) == "gpu"))
         self.loads.append((self.now, model))
         self.queues.ready(model, model, self.c.max_inflight)
         self._dispatch(model)
@@ -305,7 +327,7 @@ class Simulation:
             return
         r["stopping"], r["reason"] = True, d.reason
         self.queues.gone(d.model)
-        if r["loaded"] and not self._inflight(d.model):
+        if (r["loaded"] or r.get("parked")) and not self._inflight(d.model):
             self._unload(d.model, d.reason)
 
     def _inflight(self, model: str) -> bool:
@@ -314,10 +336,77 @@ class Simulation:
             return slot.inflight > 0
         return any(p.model == model for p in self.queues.inflight.values())  # its runner is leaving
 
+    def _park(self, d: Park, device: str | None) -> None:
+        r = self.runners.get(d.model)
+        if r is None or not r["loaded"] or r["stopping"]:
+            if device is not None:
+                self._after_eviction(device)
+            return
+        r["parking"] = d
+        self.queues.gone(d.model)
+        if not self._inflight(d.model):
+            self._parked(d.model)
+
+    def _parked(self, model: str) -> None:
+        """A park's requests are over: its weights leave the device at once (a copy to host memory
+        takes a fraction of the wake's time; the simulator counts it as none)."""
+        r = self.runners[model]
+        d = r.pop("parking")
+        device = r["device"]
+        host = self.ledgers.get(HOST)
+        why = host.reserve(model, d.host_bytes) if host is not None else "no host memory for parked models"
+        if why is not None:  # as a live runner does: it unloads instead
+            r["stopping"], r["reason"] = True, f"{d.reason}; host memory refused it ({why}), so it is unloaded"
+            self._unload(model, r["reason"])
+            return
+        self.publish(Reserved(ts=self.now, device=HOST, model=model, bytes=d.host_bytes))
+        self.ledgers[device].resize(model, d.keep_bytes)
+        self.publish(Reserved(ts=self.now, device=device, model=model, bytes=d.keep_bytes))
+        freed = r["bytes"] - d.keep_bytes
+        self._memory(device, resident=-freed, idle=-r["bytes"] if not self.busy.get(model) else 0)
+        r["bytes"], r["loaded"], r["parked"] = d.keep_bytes, False, True
+        self.publish(Parked(ts=self.now, model=model, device=device, host_bytes=d.host_bytes,
+                            device_bytes=d.keep_bytes))
+        self._after_eviction(device)
+
+    def _wake(self, d: Wake) -> None:
+        r = self.runners.get(d.model)
+        if r is None or not r.get("parked") or r["stopping"]:
+            self.publish(LoadFailed(ts=self.now, model=d.model, device=d.device, reason="it has no parked worker to wake"))
+            return
+        why = self.ledgers[d.device].resize(d.model, d.bytes)
+        if why is not None:
+            r["stopping"], r["reason"] = True, f"waking it failed: {why}"
+            self._unload(d.model, r["reason"])
+            return
+        self.publish(Reserved(ts=self.now, device=d.device, model=d.model, bytes=d.bytes))
+        self._memory(d.device, resident=d.bytes - r["bytes"])
+        r["bytes"], r["parked"], r["waking"] = d.bytes, False, True
+        self.schedule(self.now + self.c.wake_s, _WOKEN, (d.model, -1.0))
+
+    def _woken(self, model: str) -> None:
+        r = self.runners.get(model)
+        if r is None or not r.pop("waking", False):
+            return
+        freed = self.ledgers[HOST].release(model)
+        self.publish(Released(ts=self.now, device=HOST, model=model, bytes=freed))
+        if r["stopping"]:
+            self._unload(model, f"{r['reason']} (while waking)")
+            return
+        r["loaded"] = True
+        if not self.busy.get(model):
+            self._memory(r["device"], idle=r["bytes"])
+        self.publish(Woken(ts=self.now, model=model, device=r["device"], wake_s=self.c.wake_s))
+        self.wakes.append((self.now, model))
+        self.queues.ready(model, model, self.c.max_inflight)
+        self._dispatch(model)
+
     def _unload(self, model: str, reason: str) -> None:
         r = self.runners.pop(model)
         device = r["device"]
         freed = self.ledgers[device].release(model)
+        if HOST in self.ledgers and model in self.ledgers[HOST].held:
+            self.publish(Released(ts=self.now, device=HOST, model=model, bytes=self.ledgers[HOST].release(model)))
         self.publish(Released(ts=self.now, device=device, model=model, bytes=freed))
         self.publish(Unloaded(ts=self.now, model=model, device=device, reason=reason))
         self.evictions.append((self.now, model))
@@ -335,7 +424,8 @@ class Simulation:
         entry = self.state.models.get(a.model)
         rid = f"sim-{next(self._rid)}"
         cold = entry is None or entry.state != "ready"
-        self.records[rid] = RequestRecord(a.model, self.now, cold, tenant=a.tenant)
+        self.records[rid] = RequestRecord(a.model, self.now, cold, tenant=a.tenant,
+                                          parked=entry is not None and entry.state in ("parking", "parked"))
         seq = self.publish(RequestArrived(ts=self.now, model=a.model, request_id=rid, kind="completion",
                                           max_tokens=a.completion_tokens, tenant=a.tenant, priority=a.priority))
         service = a.service_s if a.service_s is not None else (self.c.service_s or 0.0)
@@ -373,6 +463,8 @@ class Simulation:
         r = self.runners.get(p.model)
         if r is not None and r["stopping"] and not self._inflight(p.model):
             self._unload(p.model, r["reason"])
+        elif r is not None and "parking" in r and not self._inflight(p.model):
+            self._parked(p.model)
         else:
             self._dispatch(p.model)
 
@@ -419,8 +511,12 @@ class Simulation:
         start = self.w.start
         self.publish(ServerStarted(pid=0, version="simulated", models_dirs=[self.w.name]))
         for name, budget in self.c.devices.items():
-            self.publish(DeviceRegistered(device=name, kind="cpu" if name == "cpu" else "gpu", name="simulated",
+            self.publish(DeviceRegistered(device=name, kind=device_kind(name), name="simulated",
                                           total_bytes=budget, budget_bytes=budget, fake=True))
+        if HOST in self.ledgers:
+            self.publish(DeviceRegistered(device=HOST, kind="host", name="simulated host memory for parked models",
+                                          total_bytes=self.c.park_host_bytes, budget_bytes=self.c.park_host_bytes,
+                                          fake=True))
         for name in sorted(self.w.models):
             self.publish(ModelDiscovered(model=name, spec=self._spec(name)))
         self.publish(BrainStarted(policy=self.policy.name, settings=self.policy.settings))
@@ -442,6 +538,8 @@ class Simulation:
                 self._arrive(payload)
             elif kind == _DONE:
                 self._done(payload)
+            elif kind == _LOADED and payload[1] < 0:  # _WOKEN
+                self._woken(payload[0])
             elif kind == _LOADED:
                 self._loaded(*payload)
             else:
@@ -456,7 +554,7 @@ class Simulation:
         return Result(policy=self.policy.name, settings=self.policy.settings, log=self.log,
                       requests=list(self.records.values()), loads=self.loads, evictions=self.evictions,
                       memory=self.memory, start=start, end=self.now, events=self.log.last_seq,
-                      wall_s=_time.perf_counter() - t0)
+                      wall_s=_time.perf_counter() - t0, wakes=self.wakes)
 
 
 def simulate(workload: Workload, config: Config, **kw: Any) -> Result:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from modelium.core.memory import correction_ratios, estimate_family, needed_bytes
+from modelium.core.memory import SPARES, correction_ratios, estimate_family, needed_bytes
 from modelium.core.traffic import GAP_BINS, RECENT, REUSE_RANKS, Reuse, gap_bin
 from modelium.core.messages import (
     ActorCrashed,
@@ -28,6 +28,10 @@ from modelium.core.messages import (
     LoadFailed,
     LoadStarted,
     ModelChanged,
+    Park,
+    Parked,
+    Wake,
+    Woken,
     ModelDiscovered,
     ModelInvalid,
     ModelRemoved,
@@ -46,10 +50,12 @@ from modelium.core.messages import (
     WorkerCrashed,
 )
 
-# where a model can be
-STATES = ("discovered", "loading", "ready", "unloading", "unloaded", "failed", "invalid")
-PLACED = ("loading", "ready")  # holds memory that a new placement cannot use
-RESIDENT = ("loading", "ready", "unloading")  # has (or is getting, or still has) a worker
+# where a model can be; "parking": its weights are leaving its device for host memory, "parked":
+# they are in host memory (its worker lives on, holding only its runtime on the device)
+STATES = ("discovered", "loading", "ready", "unloading", "parking", "parked", "unloaded", "failed", "invalid")
+PLACED = ("loading", "ready", "parked")  # holds memory that a new placement cannot use (a parked model: its runtime)
+# has (or is getting, or still has) a worker
+RESIDENT = ("loading", "ready", "unloading", "parking", "parked")
 
 
 @dataclass
@@ -116,6 +122,10 @@ class ModelEntry:
     gaps: list[int] = field(default_factory=list)
     keep_alive_s: float | None = None
     pinned: bool = False  # an administrator pinned it (Pinned/Unpinned): kept loaded, across restarts
+    parkable: bool = False  # its worker can park (LoadCompleted.parkable)
+    host_bytes: int = 0  # host memory its parked weights hold (state parking or parked)
+    parks: int = 0
+    wake_s: float = 0.0  # the last wake's seconds (0: never woken)
     stats: RequestStats = field(default_factory=RequestStats)
 
     @property
@@ -139,6 +149,12 @@ class DeviceEntry:
     foreign_bytes: int = 0  # held by processes that are not Modelium's (last sample)
     unavailable: str = ""  # why it is unavailable (DeviceHealth); "": available
     reserved: dict[str, int] = field(default_factory=dict)  # the allocator's ledger, as logged
+    spare_bytes: int = 0  # what its ledger holds for warm spare workers (modelium.core.memory.SPARES)
+
+    def rebudget(self) -> None:
+        """What placements may use: the configured budget less others' memory and the spares'."""
+        self.budget_bytes = max(0, (self.configured_budget_bytes or self.budget_bytes) - self.foreign_bytes
+                                - self.spare_bytes)
 
 
 @dataclass
@@ -177,6 +193,8 @@ def _forget_placement(m: ModelEntry) -> None:
     m.device = None
     m.bytes = 0
     m.pid = 0
+    m.host_bytes = 0
+    m.parkable = False
 
 
 def _drop_if_gone(state: State, m: ModelEntry) -> None:
@@ -294,6 +312,8 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
                 _drop_if_gone(state, m)
         for d in state.devices.values():
             d.reserved.clear()
+            d.spare_bytes = 0
+            d.rebudget()
     elif t is ModelDiscovered or t is ModelChanged:
         m = state.models.get(event.model)
         if m is None:
@@ -342,7 +362,9 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             fake=event.fake, reserved=old.reserved if old else {}, configured_budget_bytes=event.budget_bytes,
             unavailable="",  # registered: detected, so available
             foreign_bytes=old.foreign_bytes if old else 0, free_bytes=old.free_bytes if old else None,
+            spare_bytes=old.spare_bytes if old else 0,
         )
+        state.devices[event.device].rebudget()
     elif t is DeviceHealth:
         d = state.devices.get(event.device)
         if d is not None:
@@ -352,11 +374,14 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         if d is not None:
             d.free_bytes = event.free_bytes
             d.foreign_bytes = event.foreign_bytes
-            d.budget_bytes = max(0, (d.configured_budget_bytes or d.budget_bytes) - event.foreign_bytes)
+            d.rebudget()
     elif t is Reserved:
         d = state.devices.get(event.device)
         if d is not None:
             d.reserved[event.model] = event.bytes
+            if event.model == SPARES:
+                d.spare_bytes = event.bytes
+                d.rebudget()
         if event.measured:
             m = _model(state, event.model)
             if m is not None and m.device == event.device:
@@ -368,6 +393,9 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         d = state.devices.get(event.device)
         if d is not None:
             d.reserved.pop(event.model, None)
+            if event.model == SPARES:
+                d.spare_bytes = 0
+                d.rebudget()
     elif t is Load:
         m = _model(state, event.model)
         if m is not None:
@@ -380,6 +408,33 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
         if m is not None and m.state in RESIDENT:
             m.state = "unloading"
             m.reason = event.reason
+    elif t is Park:
+        m = _model(state, event.model)
+        if m is not None and m.state == "ready":
+            m.state = "parking"
+            m.reason = event.reason
+            m.host_bytes = event.host_bytes
+    elif t is Parked:
+        m = _model(state, event.model)
+        if m is not None and m.state == "parking":
+            m.state = "parked"
+            m.bytes = event.device_bytes
+            m.host_bytes = event.host_bytes
+            m.parks += 1
+    elif t is Wake:
+        m = _model(state, event.model)
+        if m is not None and m.state == "parked":
+            m.state = "loading"
+            m.bytes = event.bytes
+            m.reason = event.reason
+    elif t is Woken:
+        m = _model(state, event.model)
+        if m is not None:
+            if m.state != "unloading":
+                m.state = "ready"
+            m.host_bytes = 0
+            m.wake_s = event.wake_s
+            m.last_used, m.used_seq = event.ts, seq
     elif t is Reject:
         m = _model(state, event.model)
         if m is not None:
@@ -402,6 +457,7 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.loaded_at = event.ts
             m.last_used, m.used_seq = event.ts, seq
             m.pid = event.pid
+            m.parkable = event.parkable
     elif t is LoadFailed:
         m = _model(state, event.model)
         if m is not None:

@@ -80,7 +80,7 @@ def test_the_page_and_its_files_are_served_without_shadowing_the_api(make_server
 def test_the_dashboard_shows_models_devices_loads_and_evictions_live(make_server, tiny_llama, tiny_gpt2, tmp_path,
                                                                       browser):
     # memory for one tiny model (~385 MiB each): loading the second evicts the first
-    server = make_server(args=["--cpu-memory", "600MiB"]).start()
+    server = make_server(args=["--cpu-memory", "984MiB"]).start()  # 600 MiB after its spare worker (384)
     copy_model(tiny_llama, server.models, "alpha")
     copy_model(tiny_gpt2, server.models, "beta")
     server.wait_model("alpha")

@@ -61,3 +61,14 @@ def test_two_gpus_each_take_a_model_and_their_loads_run_at_the_same_time(make_se
     completed = [s for s, e in evs if isinstance(e, LoadCompleted)]
     assert len(started) == len(completed) == 2
     assert max(started) < min(completed)  # both loads were under way at once
+
+
+def test_the_spare_worker_is_charged_to_the_cpu_and_comes_out_of_its_budget(make_server):
+    server = make_server(args=["--cpu-memory", "2GiB", "--fake-gpus", "1x1GiB"]).start()
+    devices = server.get("/status").json()["devices"]
+    # one spare (the default), charged its runtime (runtime_overhead, 384 MiB) on the CPU, whose
+    # memory it lives in; the fake GPU's workers run on the CPU and it keeps none of its own
+    assert devices["cpu"]["spare_bytes"] == 384 * MiB
+    assert devices["cpu"]["budget_bytes"] == 2048 * MiB - 384 * MiB
+    assert devices["cpu"]["configured_budget_bytes"] == 2048 * MiB
+    assert devices["gpu:0"]["spare_bytes"] == 0 and devices["gpu:0"]["budget_bytes"] == 1024 * MiB

@@ -109,7 +109,7 @@ def test_a_dropped_model_answers_the_openai_client_and_requests_wait_while_it_lo
 
 def test_two_models_with_memory_for_one_take_turns_by_lru(make_server, tiny_llama, tiny_gpt2):
     # each tiny model is estimated at ~385 MiB (weights + the worker's runtime overhead)
-    server = make_server(args=["--cpu-memory", "600MiB", "--policy", "lru"]).start()
+    server = make_server(args=["--cpu-memory", "984MiB", "--policy", "lru"]).start()  # 600 MiB after its spare (384)
     copy_model(tiny_llama, server.models, "llama")
     copy_model(tiny_gpt2, server.models, "gpt2")
     server.wait_model("llama")

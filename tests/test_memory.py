@@ -203,3 +203,25 @@ def test_a_process_resident_set_and_a_fake_gpu_that_runs_out_of_memory():
     assert gpu.fake and gpu.total_bytes == 8 * 2**30 and gpu.fake_oom_bytes == MiB
     assert "out of memory above 1.0 MiB" in gpu.label
     assert parse_fake_gpus("2x8GiB")[1].fake_oom_bytes == 0
+
+
+def test_spare_workers_are_charged_to_the_ledgers_of_their_devices():
+    from modelium.core.memory import SPARES, spare_charges
+    from modelium.core.messages import DeviceRegistered, Released, Reserved
+    from storage.registry import fold
+
+    MiB = 2**20
+    devs = [("gpu:0", "gpu", "cuda:0"), ("gpu:1", "gpu", "cuda:1"), ("cpu", "cpu", "cpu")]
+    # every spare lives in host memory; each GPU also holds its own spares' CUDA contexts
+    assert spare_charges(1, 384 * MiB, devs) == {"gpu:0": 384 * MiB, "gpu:1": 384 * MiB, "cpu": 3 * 384 * MiB}
+    assert spare_charges(2, 100, [("cpu", "cpu", "cpu")]) == {"cpu": 200}
+    # a fake GPU's workers run on the CPU: it keeps no spares of its own
+    assert spare_charges(1, 100, [("gpu:0", "gpu", "cpu"), ("cpu", "cpu", "cpu")]) == {"cpu": 100}
+    assert spare_charges(0, 100, devs) == {} and spare_charges(1, 0, devs) == {}
+    events = [DeviceRegistered(device="cpu", kind="cpu", total_bytes=4000 * MiB, budget_bytes=1000 * MiB),
+              Reserved(device="cpu", model=SPARES, bytes=384 * MiB)]
+    st = fold(enumerate(events, 1))
+    d = st.devices["cpu"]
+    assert (d.budget_bytes, d.spare_bytes, d.configured_budget_bytes) == (616 * MiB, 384 * MiB, 1000 * MiB)
+    st = fold(enumerate(events + [Released(device="cpu", model=SPARES, bytes=384 * MiB)], 1))
+    assert st.devices["cpu"].budget_bytes == 1000 * MiB

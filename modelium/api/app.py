@@ -290,6 +290,13 @@ def create_app(system: Any) -> QuartTrio:
 
     # ------------------------------------------------------------------ status
 
+    @app.get("/ready")
+    async def ready():
+        """Readiness: 200 once serving; 503 with the reason while starting or draining"""
+        from modelium.api.ready import readiness
+
+        return readiness(system)
+
     @app.get("/health")
     async def health():
         models = registry.models.values()
@@ -321,6 +328,8 @@ def create_app(system: Any) -> QuartTrio:
                 "used_bytes": (d.total_bytes - d.free_bytes) if d.free_bytes is not None else None,
                 # memory others' processes hold (last sample): it comes out of the configured budget
                 "foreign_bytes": d.foreign_bytes, "configured_budget_bytes": d.configured_budget_bytes or d.budget_bytes,
+                # what its ledger holds for the warm spare workers kept for it (also out of the budget)
+                "spare_bytes": d.spare_bytes,
                 "unavailable": d.unavailable or None,  # why nothing is placed on it (DeviceHealth)
             }
         return jsonify({

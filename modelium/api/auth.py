@@ -46,7 +46,7 @@ from storage.usage import read_usage, tokens_today
 log = logging.getLogger("modelium.auth")
 
 LOOPBACK = ("127.0.0.1", "::1", "[::1]", "localhost")
-PUBLIC = ("/health", "/", "/openapi.json")  # and the dashboard's static files: no data in any of them
+PUBLIC = ("/health", "/ready", "/", "/openapi.json")  # and the dashboard's static files: no data in any of them
 PUBLIC_PREFIXES = ("/dashboard/static/",)
 INBOX_POLL_S = 0.5
 SCOPE_KEY = "modelium.principal"

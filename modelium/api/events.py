@@ -63,7 +63,7 @@ LIFECYCLE = frozenset({
     "ServerStarted", "ServerStopped", "BrainStarted", "Tick", "ActorCrashed", "ActorRestarted", "ActorGaveUp",
     "ModelDiscovered", "ModelChanged", "ModelRemoved", "ModelInvalid", "DeviceRegistered", "DeviceSampled",
     "Reserved", "Released", "Load", "Evict", "Reject", "LoadStarted", "LoadCompleted", "LoadFailed", "Unloaded",
-    "WorkerCrashed",
+    "WorkerCrashed", "DeviceHealth", "Park", "Wake", "Parked", "Woken",
 })
 # ...and these when their ``tenant`` is the caller's; every other type (other request and job
 # events, keys, types added later, undecodable rows) only to admins

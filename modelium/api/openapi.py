@@ -24,6 +24,7 @@ from quart import Response
 
 import modelium
 from modelium.api import responses as r
+from modelium.api.ready import Ready
 from modelium.api.schemas import ChatRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest, PredictBody
 
 REF = "#/components/schemas/{model}"
@@ -74,6 +75,8 @@ def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
 ROUTES: dict[tuple[str, str], Op] = {
     ("GET", "/openapi.json"): Op("This document", answer=r.OpenAPIDocument, errors=(), tags=OWN),
     ("GET", "/health"): Op("Liveness, log position and device memory", answer=r.Health, errors=(), tags=OWN),
+    ("GET", "/ready"): Op("Readiness: 503 (with the reason) while the server starts or drains after SIGTERM",
+                          answer=Ready, errors=(503,), tags=OWN),
     ("GET", "/status"): Op("The server, its devices and its models, with their queues", answer=r.Status,
                            errors=(), tags=OWN),
     ("GET", "/v1/models"): Op("The servable models", answer=r.ModelList, errors=(), tags=OPENAI),

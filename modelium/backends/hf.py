@@ -55,8 +55,11 @@ from modelium.core.messages import (
     LoadModel,
     ModelLoaded,
     ModelSpec,
+    Moved,
+    ParkModel,
     Shutdown,
     Token,
+    WakeModel,
     WorkerHello,
 )
 
@@ -203,6 +206,7 @@ class HFWorker:
         self._on_exit = on_exit
         self._jobs: dict[int, HFJob] = {}
         self._load_slot: _Slot | None = None
+        self._move_slot: _Slot | None = None
         self._next_id = 1
         self._stopping = False
         self._lost: str = ""  # why the connection broke, when it broke first
@@ -339,6 +343,9 @@ class HFWorker:
                 self._load_slot.fail(error)
             else:
                 log.warning("worker %d: error outside a load: %s", self.pid, msg.detail or msg.message)
+        elif isinstance(msg, Moved):
+            if self._move_slot is not None:
+                self._move_slot.set(msg)
         elif isinstance(msg, ModelLoaded):
             self.loaded = msg
             if self._load_slot is not None:
@@ -437,6 +444,8 @@ class HFWorker:
             log.info("worker %d %s", self.pid, describe_exit(code))
         if self._load_slot is not None:
             self._load_slot.fail(BackendError(f"the worker died during the load: {self._gone_reason()}", kind="load"))
+        if self._move_slot is not None:
+            self._move_slot.fail(BackendError(f"the worker died moving its weights: {self._gone_reason()}"))
         try:
             self._chan.stream.socket.close()  # type: ignore[attr-defined]
         except Exception:
@@ -496,6 +505,31 @@ class HFWorker:
             return await slot.wait()
         finally:
             self._load_slot = None
+
+    can_park = True  # its weights can go to host memory and back (a GPU's: pinned, for a fast wake)
+
+    async def park(self) -> Moved:
+        """Move the weights to host memory (no job may be in flight); BackendError on failure."""
+        return await self._move(ParkModel())
+
+    async def wake(self) -> Moved:
+        """Move parked weights back onto the device; BackendError on failure."""
+        return await self._move(WakeModel())
+
+    async def _move(self, frame: ParkModel | WakeModel) -> Moved:
+        if self.exited or self.loaded is None:
+            raise BackendError(self._gone_reason() if self.exited else "no model is loaded", kind="crashed")
+        if self._move_slot is not None:
+            raise BackendError(f"worker {self.pid} is moving its weights already", kind="crashed")
+        slot = self._move_slot = _Slot()
+        try:
+            self._queue(frame)
+            moved: Moved = await slot.wait()
+        finally:
+            self._move_slot = None
+        if moved.error:
+            raise BackendError(moved.error, kind="crashed", public="the model's weights could not be moved")
+        return moved
 
     def submit(self, request: InferRequest, sink: Any) -> HFJob:
         """Queue one request; its frames go to ``sink``. Never blocks; a worker that has exited

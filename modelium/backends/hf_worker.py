@@ -8,6 +8,7 @@ of a ``socketpair``) with the frames of :mod:`modelium.backends.framing`:
     Job(id, Generation) -> Token(id, ...)* then Done(id) | Failed(id)
     Job(id, Encode)     -> Encoded(id) | Failed(id)
     CancelJob(id)       -> the job ends before its next decode step (Done with cancelled=True)
+    ParkModel | WakeModel -> Moved           weights to (pinned) host memory and back; no job in flight
     Shutdown, or the end of the socket -> the process exits
 
 Threads. A *frames* thread reads the server's frames; it checks and tokenises short inputs
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import itertools
 import json
 import logging
 import math
@@ -65,9 +67,12 @@ from modelium.core.messages import (
     Job,
     LoadModel,
     ModelLoaded,
+    Moved,
+    ParkModel,
     Shutdown,
     Token,
     ToWorker,
+    WakeModel,
     WorkerHello,
 )
 
@@ -1429,6 +1434,30 @@ def _input_chars(req: Any) -> int:
 JOBS: dict[int, Work] = {}  # jobs not ended, by id (the main thread adds, whoever ends removes)
 
 
+def move_weights(torch: Any, model: Any, device: str, to_host: bool) -> int:
+    """Move ``model``'s parameters and buffers to host memory (pinned, on a CUDA device, so that
+    waking copies at the bus's full speed) or back onto ``device``; returns their bytes. Tensors
+    already where they go stay (a model on the CPU, or a fake GPU, moves nothing). Each tensor
+    keeps its identity (``.data`` is swapped), so tied weights stay tied."""
+    cuda = device.startswith("cuda")
+    total = 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        total += t.numel() * t.element_size()
+        if not cuda:
+            continue
+        if to_host and t.device.type != "cpu":
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            host.copy_(t.data, non_blocking=True)
+            t.data = host
+        elif not to_host and t.device.type == "cpu":
+            t.data = t.data.to(device, non_blocking=True)
+    if cuda:
+        torch.cuda.synchronize(device)
+        if to_host:
+            torch.cuda.empty_cache()
+    return total
+
+
 class Worker:
     def __init__(self, chan: SyncChannel, torch: Any, transformers: Any):
         self.chan = chan
@@ -1474,6 +1503,27 @@ class Worker:
         elif isinstance(msg, LoadModel):
             set_idle_priority(False)
             self._queue(msg)
+        elif isinstance(msg, (ParkModel, WakeModel)):
+            self._move(isinstance(msg, ParkModel))
+
+    def _move(self, to_host: bool) -> None:
+        """Park (weights to host memory) or wake (back to the device). The runner asks only with no
+        job in flight, so the engine thread is idle; this runs on the frames thread."""
+        state = self.state
+        if state is None:
+            self._send(Moved(state="", error="no model is loaded in this worker"))
+            return
+        t0 = time.perf_counter()
+        try:
+            with self.torch.no_grad():
+                moved = move_weights(self.torch, state.model, state.device, to_host)
+        except Exception as e:  # noqa: BLE001 - the runner decides what a failed move means
+            log.exception("moving the weights %s failed", "to host memory" if to_host else "back")
+            self._send(Moved(state="", error=f"{type(e).__name__}: {e}"))
+            return
+        seconds = time.perf_counter() - t0
+        log.info("%s %d bytes in %.3fs", "parked" if to_host else "woke", moved, seconds)
+        self._send(Moved(state="parked" if to_host else "ready", bytes=moved, seconds=seconds))
 
     def _queue(self, item: Any) -> None:
         with self._cv:

@@ -165,6 +165,11 @@ class VLLMWorker:
         return self._parked
 
     @property
+    def can_park(self) -> bool:
+        """Sleep mode is on: the brain may park this server (``POST /sleep?level=1``) and wake it."""
+        return self.sleep_mode
+
+    @property
     def inflight(self) -> int:
         return len(self._jobs)
 

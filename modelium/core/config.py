@@ -27,6 +27,19 @@ class ConfigError(ValueError):
     pass
 
 
+class ClusterSettings(BaseModel):
+    """Models' workers on the nodes of a Ray cluster (``modelium serve --ray ADDRESS``;
+    :mod:`modelium.backends.ray`): ``ray`` is the cluster's address (``HOST:PORT`` or ``auto``);
+    ``worker_cpus`` the CPUs each worker asks of Ray; ``ready_timeout_s`` how long a worker may
+    take to be placed and loaded."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    ray: str | None = Field(None, min_length=1)
+    worker_cpus: float = Field(1.0, ge=0)
+    ready_timeout_s: float = Field(300.0, gt=0)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -42,7 +55,11 @@ class Settings(BaseModel):
     device_sample_s: float = Field(30.0, gt=0)  # how often each device's memory is sampled
     device_sample_threshold: float = Field(0.05, gt=0, lt=1)  # a sample is logged when it moved this much
     fake_gpus: str | None = None  # e.g. "2x24GiB": fake GPUs for trying placement without one
+    # host memory that parked models' weights may hold (0: models are never parked, only evicted);
+    # offered only with a GPU: a victim on a GPU whose worker can park keeps its weights there
+    park_host_bytes: int = Field(0, ge=0)
     use_gpus: bool = True
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)  # {ray: ADDRESS}: devices of a Ray cluster
 
     # the brain
     policy: str = "cost-aware"
@@ -118,6 +135,7 @@ class Settings(BaseModel):
     external_health_s: float = Field(10.0, gt=0)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per log line (modelium.logformat)
 
     @model_validator(mode="after")
     def _policy(self) -> "Settings":
@@ -134,7 +152,7 @@ class Settings(BaseModel):
         return self
 
     @field_validator("tenant_limits", "default_limits", "policy_settings", "tenant_shares", "tenant_priorities",
-                     "aliases", "external", mode="before")
+                     "aliases", "external", "cluster", mode="before")
     @classmethod
     def _yaml_text(cls, v: Any) -> Any:
         if not isinstance(v, str):
@@ -163,7 +181,8 @@ class Settings(BaseModel):
 
         return check_shares(v)
 
-    @field_validator("cpu_memory", "gpu_memory_reserve", "runtime_overhead", "max_body", mode="before")
+    @field_validator("cpu_memory", "gpu_memory_reserve", "runtime_overhead", "max_body", "park_host_bytes",
+                     mode="before")
     @classmethod
     def _bytes(cls, v: Any) -> Any:
         if v is None or isinstance(v, int):

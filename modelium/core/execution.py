@@ -4,7 +4,8 @@
 Decisions run in log order per device. On a device, a decision waits while an eviction there
 drains (so a load decided right after an eviction finds the memory the eviction frees); devices
 never wait for each other (an eviction draining on one device does not delay a load on
-another); a ``Reject`` waits for nothing. A load does not block its device: it runs beside what
+another); a ``Reject`` waits for nothing. A ``Park`` holds up its device as an eviction does (it
+frees memory there); a ``Wake`` runs like a load. A load does not block its device: it runs beside what
 follows.
 """
 
@@ -13,13 +14,14 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from modelium.core.messages import Evict, Load, Reject
+from modelium.core.messages import Evict, Load, Park, Reject, Wake
 
 
 def device_of(decision: Any, models: Any) -> str | None:
-    """The device a decision acts on: a load's own; an eviction's, the model's device in the
-    view (``models``: name -> entry with ``device``); None for what waits for nothing."""
-    if isinstance(decision, Load):
+    """The device a decision acts on: a load's, a park's or a wake's own; an eviction's, the
+    model's device in the view (``models``: name -> entry with ``device``); None for what waits
+    for nothing."""
+    if isinstance(decision, (Load, Park, Wake)):
         return decision.device
     if isinstance(decision, Evict):
         entry = models.get(decision.model)
@@ -53,7 +55,7 @@ class Execution:
         return out
 
     def _start(self, device: str, seq: int, decision: Any) -> list[tuple[int, Any]]:
-        if isinstance(decision, Evict):
+        if isinstance(decision, (Evict, Park)):  # both free memory on the device: what follows waits for it
             self.draining[device] = decision.model
         return [(seq, decision)]
 

@@ -124,6 +124,29 @@ def corrected_bytes(estimated: int, ratio: float) -> int:
     return round(estimated * ratio)
 
 
+# what a device's ledger holds for its warm spare workers (a runtime each, and on a GPU a CUDA
+# context), under this name in place of a model's: it comes out of the budget placements use
+SPARES = "(spare workers)"
+
+
+def spare_charges(spares: int, per_worker: int, devices: list[tuple[str, str, str]]) -> dict[str, int]:
+    """Bytes each device's ledger holds for ``spares`` warm spare workers per torch device, each
+    charged ``per_worker``. ``devices``: (name, kind, torch device). Every spare process lives in
+    the host's memory (the ``cpu`` device pays for all of them); a GPU also pays for its own
+    spares' CUDA contexts. Devices with no spares of their own (a fake GPU, whose workers run on
+    the CPU) pay nothing."""
+    if spares <= 0 or per_worker <= 0:
+        return {}
+    torch_devices = {t for _, _, t in devices}
+    out: dict[str, int] = {}
+    for name, kind, torch_device in devices:
+        if kind == "cpu":
+            out[name] = spares * per_worker * len(torch_devices)
+        elif kind == "gpu" and torch_device.startswith("cuda"):
+            out[name] = spares * per_worker
+    return out
+
+
 @dataclass
 class Ledger:
     """One device's memory book: who holds how many bytes of its budget. Pure."""
@@ -164,6 +187,20 @@ class Ledger:
             return None
         before, self.held[model] = self.held[model], nbytes
         return before
+
+    def resize(self, model: str, nbytes: int) -> str | None:
+        """``model`` holds ``nbytes`` from now on (a parked model waking, or parking): None, or
+        the reason it is refused (growing past what is free; holding nothing here)."""
+        if model not in self.held:
+            return f"{model} holds nothing on {self.device}"
+        if nbytes < 0:
+            return f"cannot reserve a negative size ({nbytes})"
+        grow = nbytes - self.held[model]
+        if grow > self.free:
+            return (f"{model} needs {format_bytes(grow)} more but only {format_bytes(self.free)} of "
+                    f"{format_bytes(self.budget)} is free on {self.device}")
+        self.held[model] = nbytes
+        return None
 
     def release(self, model: str) -> int:
         """Release what ``model`` holds; returns the bytes freed (0 if it held nothing)."""

@@ -8,7 +8,7 @@ Three families:
 * **Events** (subclasses of :class:`Event`) are appended to the SQLite event log. Each carries
   ``ts`` (wall-clock seconds) and a schema version ``V`` (stored in the log's ``v`` column). A
   field added later must have a default so that older rows stay decodable.
-* **Decisions** (:class:`Load`, :class:`Evict`, :class:`Reject`) are events too: the brain's
+* **Decisions** (:class:`Load`, :class:`Evict`, :class:`Reject`, :class:`Park`, :class:`Wake`) are events too: the brain's
   policy returns them and the brain stamps ``ts``, ``policy`` and ``trigger`` (the seq of the
   event that caused them) before publishing.
 * **Commands** travel between actors over trio channels and **frames** between a runner and its
@@ -173,8 +173,11 @@ class ModelInvalid(Event, frozen=True, kw_only=True):
 
 
 class DeviceRegistered(Event, frozen=True, kw_only=True):
-    device: str  # "cpu", "gpu:0", ...
-    kind: Literal["cpu", "gpu"]
+    """A device an allocator keeps the ledger of. Kind ``host``: the host memory that parked
+    models' weights may hold (``park_host_bytes``); nothing is ever placed (loaded) on it."""
+
+    device: str  # "cpu", "gpu:0", ..., "host"
+    kind: Literal["cpu", "gpu", "host"]
     name: str = ""
     total_bytes: int
     budget_bytes: int  # what Modelium may hand out on this device
@@ -242,6 +245,23 @@ class Evict(Decision, frozen=True, kw_only=True):
     pass
 
 
+class Park(Decision, frozen=True, kw_only=True):
+    """Move the model's weights off ``device`` (a GPU) into host memory, keeping its worker: its
+    ledger keeps ``keep_bytes`` there (the worker's runtime, a CUDA context) and the host's ledger
+    takes ``host_bytes``. A parked model wakes (:class:`Wake`) much faster than it loads."""
+
+    device: str
+    host_bytes: int
+    keep_bytes: int = 0
+
+
+class Wake(Decision, frozen=True, kw_only=True):
+    """Copy a parked model's weights back onto ``device`` (where it was parked), holding ``bytes``."""
+
+    device: str
+    bytes: int
+
+
 class Reject(Decision, frozen=True, kw_only=True):
     """Fail the model's requests that arrived up to and including seq ``through``, with an
     error of ``kind`` (a :class:`modelium.core.errors.ErrorKind` value) and ``reason``.
@@ -253,7 +273,7 @@ class Reject(Decision, frozen=True, kw_only=True):
     kind: str = "unavailable"
 
 
-DECISIONS = (Load, Evict, Reject)
+DECISIONS = (Load, Evict, Reject, Park, Wake)
 OPERATOR = "operator"  # the ``policy`` of a decision an administrator took (its trigger: an OperatorAction)
 
 
@@ -303,6 +323,7 @@ class LoadCompleted(Event, frozen=True, kw_only=True):
     weights_s: float = 0.0
     warmup_s: float = 0.0
     loader: str = ""
+    parkable: bool = False  # its worker can park (move its weights to host memory and back)
     memory_bytes: int = 0  # what the worker measured after the load (ModelLoaded.memory_source says what);
     # the device's ledger then holds modelium.core.memory.loaded_bytes of it (a Reserved with measured=True)
 
@@ -317,6 +338,25 @@ class LoadFailed(Event, frozen=True, kw_only=True):
     kind: str = ""
     asked_bytes: int = 0
     free_bytes: int = 0
+
+
+class Parked(Event, frozen=True, kw_only=True):
+    """The model's weights left ``device`` for host memory in ``park_s`` seconds (a Park's
+    outcome): the host holds ``host_bytes``, the device ``device_bytes`` (its worker's runtime)."""
+
+    model: str
+    device: str
+    host_bytes: int
+    device_bytes: int = 0
+    park_s: float = 0.0
+
+
+class Woken(Event, frozen=True, kw_only=True):
+    """A parked model's weights are back on ``device`` (a Wake's outcome), in ``wake_s``; it serves."""
+
+    model: str
+    device: str
+    wake_s: float = 0.0
 
 
 class Unloaded(Event, frozen=True, kw_only=True):
@@ -488,8 +528,8 @@ AnyEvent = Union[
     ActorCrashed, ActorRestarted, ActorGaveUp,
     ModelDiscovered, ModelChanged, ModelRemoved, ModelInvalid,
     DeviceRegistered, DeviceSampled, DeviceHealth, Reserved, Released,
-    Load, Evict, Reject,
-    LoadStarted, LoadCompleted, LoadFailed, Unloaded, WorkerCrashed,
+    Load, Evict, Reject, Park, Wake,
+    LoadStarted, LoadCompleted, LoadFailed, Parked, Woken, Unloaded, WorkerCrashed,
     RequestArrived, RequestFinished, RequestsRolledUp,
     JobAccepted, JobStarted, JobFinished, JobCancelled,
     KeyCreated, KeyRevoked,
@@ -565,6 +605,9 @@ class Reserve(_Msg, frozen=True, kw_only=True):
     model: str
     bytes: int
     measured: bool = False  # a loaded model's measured footprint: replaces what it holds
+    # what the model holds becomes ``bytes`` (a parked model waking, or parking): refused when
+    # growing does not fit
+    resize: bool = False
 
 
 class Release(_Msg, frozen=True, kw_only=True):
@@ -783,6 +826,25 @@ class Shutdown(_Msg, frozen=True, kw_only=True):
     pass
 
 
-ToWorker = Union[LoadModel, Job, CancelJob, Shutdown]
-FromWorker = Union[WorkerHello, ModelLoaded, Token, Done, Encoded, Failed]
+class ParkModel(_Msg, frozen=True, kw_only=True):
+    """Runner -> worker, with no job in flight: move the weights into (pinned) host memory."""
+
+
+class WakeModel(_Msg, frozen=True, kw_only=True):
+    """Runner -> worker: move a parked model's weights back onto its device."""
+
+
+class Moved(_Msg, frozen=True, kw_only=True):
+    """Worker -> runner: the answer to ParkModel/WakeModel: where the weights are now
+    (``parked``: host memory; ``ready``: the device), how many bytes moved, in how long; or
+    ``error`` (the weights stay where they were)."""
+
+    state: str
+    bytes: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+ToWorker = Union[LoadModel, Job, CancelJob, Shutdown, ParkModel, WakeModel]
+FromWorker = Union[WorkerHello, ModelLoaded, Token, Done, Encoded, Failed, Moved]
 Terminal = (Done, Encoded, Failed)

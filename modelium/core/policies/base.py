@@ -15,17 +15,17 @@ from collections.abc import Mapping, Sequence, Set as AbstractSet
 from typing import Any, Protocol
 
 from modelium.core.memory import estimate_family, needed_bytes
-from modelium.core.messages import Decision, Evict, Event, Load, ModelSpec, Reject
+from modelium.core.messages import Decision, Evict, Event, Load, ModelSpec, Park, Reject, Wake
 from modelium.hardware import format_bytes
 
-__all__ = ["ClusterView", "Decision", "DeviceView", "Evict", "Load", "ModelView", "Policy", "Reject",
+__all__ = ["ClusterView", "Decision", "DeviceView", "Evict", "Load", "ModelView", "Park", "Policy", "Reject", "Wake",
            "needed_bytes", "needs", "needs_note"]
 
 
 class ModelView(Protocol):
     name: str
     spec: ModelSpec | None
-    state: str  # discovered | loading | ready | unloading | unloaded | failed | invalid
+    state: str  # discovered | loading | ready | unloading | parking | parked | unloaded | failed | invalid
     reason: str
     device: str | None
     bytes: int
@@ -49,6 +49,8 @@ class ModelView(Protocol):
     gaps: Sequence[int]  # histogram of inter-arrival gaps (storage.registry.gap_bin); empty: none yet
     keep_alive_s: float | None  # the keep-alive its last request asked for (None: none)
     pinned: bool  # an administrator pinned it: never a victim, loaded when it fits
+    parkable: bool  # its worker can park its weights in host memory (and wake them)
+    host_bytes: int  # host memory its parked weights hold (parking or parked)
 
     @property
     def waiting(self) -> list[int]: ...

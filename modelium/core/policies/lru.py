@@ -20,6 +20,15 @@ Pinned models (``Pinned`` events, an administrator's) are ``protected``: never v
 unloaded for idleness; on a ``Tick`` one that is not loaded is loaded where it fits in free memory
 (nothing is evicted for it); a waiting model that fits on no device beside the pinned ones is
 rejected with that reason.
+
+Parking (when the server has host memory for it, ``park_host_bytes``): a victim on a GPU whose
+worker can park (``parkable``) is parked instead of evicted when the host's ledger has room for
+its weights (``Park``: the weights go to host memory, the worker stays); otherwise it is evicted.
+A parked model with waiting requests
+is woken on its device (``Wake``: victims there are parked or evicted for it as for a load); one
+whose device is unavailable, or that no longer fits there, is evicted and loads again where it
+fits. Parked models are victims only after idle ready ones (they hold only their runtime), and are
+evicted once idle past their keep-alive. A model on the CPU is never parked (it would free nothing).
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ from modelium.core.policies.base import (
     Evict,
     Load,
     ModelView,
+    Park,
     Reject,
+    Wake,
     needs,
     needs_note,
     runs_on,
@@ -45,7 +56,8 @@ from modelium.core.policies.base import (
 
 
 _NOT_RESIDENT = ("discovered", "unloaded", "failed", "invalid")
-_PLACED = ("loading", "ready")  # holds memory that a new placement cannot use
+_WANTS = _NOT_RESIDENT + ("parked",)  # states in which waiting requests need a decision (a load or a wake)
+_PLACED = ("loading", "ready", "parked")  # holds memory that a new placement cannot use (a parked model: its runtime)
 LOADABLE = ("discovered", "unloaded")  # may be loaded without a request (pinned, pre-loaded)
 
 
@@ -88,6 +100,17 @@ class LRUPolicy:
     # hooks for the policies built on this one (each is documented where it is overridden)
 
     busy_victims = False  # may a busy model be evicted (it drains first) when no idle one makes room?
+    parks = True  # may a victim be parked instead of evicted (where the server has host memory for it)?
+
+    def park_plan(self, x: ModelView, device: Any, host: list[int]) -> tuple[int, int] | None:
+        """``(host_bytes, keep_bytes)`` when victim ``x`` on ``device`` may be parked, with
+        ``host`` = [the host ledger's free bytes]; None: it is evicted. Pure."""
+        if not (self.parks and host and x.parkable and x.state == "ready" and device.kind == "gpu" and x.spec):
+            return None
+        weights = x.spec.weight_bytes or x.bytes
+        if weights > host[0]:
+            return None
+        return weights, min(x.bytes, x.spec.runtime_overhead_bytes)
 
     def keep_alive(self, m: ModelView, now: float) -> tuple[float, str]:
         """How long ``m`` may stay idle before a Tick unloads it, and why that long: what its last
@@ -150,7 +173,7 @@ class LRUPolicy:
         waits = {}
         for name in view.asked:
             m = models[name]
-            if m.state in _NOT_RESIDENT and (w := m.waiting):
+            if m.state in _WANTS and (w := m.waiting):
                 waits[name] = w
         tick = type(trigger) is Tick
         lost = {d.name: d.unavailable for d in view.devices.values() if d.unavailable}
@@ -165,24 +188,24 @@ class LRUPolicy:
         if lost:  # what runs on an unavailable device is evicted, busy or not, to load elsewhere
             for name in sorted(models):
                 m = models[name]
-                if m.state == "ready" and m.device in lost:
+                if m.state in ("ready", "parked") and m.device in lost:
                     evict(m, f"device {m.device} is unavailable ({lost[m.device]}); "
                              "it loads again elsewhere when asked for")
 
         for name in sorted(view.flagged):
             m = models[name]
-            if m.state == "ready" and not m.pending:
+            if m.state in ("ready", "parked") and not m.pending:
                 evict(m, "model folder removed" if m.removed
                       else "model files changed; the new version loads on the next request")
 
         if tick:
             for name in sorted(models):
                 m = models[name]
-                if m.state == "ready" and not m.pending and name not in leaving and not self.protected(m):
+                if m.state in ("ready", "parked") and not m.pending and name not in leaving and not self.protected(m):
                     idle = now - m.last_used
                     limit, why = self.keep_alive(m, now)
                     if idle >= limit:
-                        evict(m, f"idle for {idle:.0f} s ({why})")
+                        evict(m, f"idle for {idle:.0f} s ({why})" + (" while parked" if m.state == "parked" else ""))
 
         if not waits and not tick:
             return out
@@ -199,12 +222,19 @@ class LRUPolicy:
                     used[x.device] += x.bytes
                     if x.pinned:
                         held[x.device] += x.bytes
-                if x.state == "ready" and (busy_victims or not x.pending) and not self.protected(x):
+                if (x.state == "ready" and (busy_victims or not x.pending) or x.state == "parked" and not x.pending) \
+                        and not self.protected(x) and x.name not in leaving:
                     idle.setdefault(x.device, []).append(x)
-        devices = sorted((d for d in view.devices.values() if not d.unavailable),
+        host_entry = next((d for d in view.devices.values() if d.kind == "host"), None)
+        # the host's ledger for parked weights: [free bytes] (empty: this server does not park)
+        host: list[int] = []
+        if host_entry is not None and self.parks:
+            host.append(host_entry.budget_bytes - sum(x.host_bytes for x in models.values()
+                                                      if x.state in ("parking", "parked") and x.name not in leaving))
+        devices = sorted((d for d in view.devices.values() if not d.unavailable and d.kind != "host"),
                          key=lambda d: (d.kind != "gpu", d.name))
-        for victims in idle.values():  # idle ones first (busy ones, where allowed, drain first)
-            victims.sort(key=lambda x: (bool(x.pending), self.victim_key(x, now)))
+        for victims in idle.values():  # idle ones first (busy ones, where allowed, drain first), parked ones last
+            victims.sort(key=lambda x: (bool(x.pending), x.state == "parked", self.victim_key(x, now)))
 
         def reach() -> int:
             """The most memory any device could offer now: its free bytes and its idle models'."""
@@ -257,7 +287,7 @@ class LRUPolicy:
             if spare < needs(m) <= biggest:
                 continue  # memory is held by busy or loading models: the requests keep waiting
             decided = len(out)
-            self._place(view, m, n, now, used, leaving, out, devices, idle)
+            self._place(view, m, n, now, used, leaving, out, devices, idle, host)
             if len(out) != decided:
                 spare = reach()
         if tick:
@@ -268,9 +298,23 @@ class LRUPolicy:
         return out
 
     def _place(self, view: ClusterView, m: ModelView, n: int, now: float, used: dict[str, int],
-               leaving: set[str], out: list[Decision], devices: list, idle: dict[str, list[ModelView]]) -> None:
+               leaving: set[str], out: list[Decision], devices: list, idle: dict[str, list[ModelView]],
+               host: list[int] | None = None) -> None:
+        host = host if host is not None else []
         need = needs(m)
-        devices = [d for d in devices if runs_on(m, d)]
+        waking = m.state == "parked"
+        devices = [d for d in devices if runs_on(m, d) and (not waking or d.name == m.device)]
+        if waking:
+            if not devices or need > devices[0].budget_bytes:
+                where = view.devices.get(m.device)
+                out.append(Evict(model=m.name, reason=(
+                    f"parked on {m.device}, which is unavailable ({where.unavailable})" if where is not None and where.unavailable
+                    else f"parked on {m.device}, where it no longer fits (needs {format_bytes(need)})")
+                    + f"; {n} request(s) waiting: it loads again where it fits"))
+                leaving.add(m.name)
+                return
+            self._wake(view, m, n, now, used, leaving, out, devices[0], idle, host)
+            return
         if not devices:
             return
         placed: dict[str, int] = {}  # device -> models placed there (loading or ready, not leaving)
@@ -302,31 +346,18 @@ class LRUPolicy:
             if need > d.budget_bytes:
                 continue
             free = d.budget_bytes - used[d.name]
-            chosen: list[ModelView] = []
-            room = free
             over = placed.get(d.name, 0) - limits[d.name] + 1 if limits[d.name] is not None else 0
-            for x in idle.get(d.name, ()):
-                if room >= need and len(chosen) >= over:
-                    break
-                if x.name in leaving:
-                    continue
-                chosen.append(x)
-                room += x.bytes
-            if room >= need and chosen and len(chosen) >= over:
-                options.append((d.kind != "gpu", max(self.victim_key(x, now) for x in chosen), d.name, d, chosen,
+            plan = self._victims(view, d, need, free, idle, leaving, host, over)
+            if plan is not None:
+                chosen, room = plan
+                options.append((d.kind != "gpu", max(self.victim_key(x, now) for x, _ in chosen), d.name, d, chosen,
                                 free, room))
         if options:
             *_, d, chosen, free, room = min(options, key=lambda o: o[:3])
-            for x in chosen:
-                out.append(Evict(model=x.name, reason=(
-                    f"{self.victim_reason(x, now, d.name)}; "
-                    f"making room for {m.name}, which needs {format_bytes(need)} "
-                    f"with {format_bytes(free)} free")))
-                leaving.add(x.name)
-                used[d.name] -= x.bytes
+            self._make_room(view, m, need, d, chosen, free, now, used, leaving, out, host)
             out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
                 f"{n} request(s) waiting; needs {format_bytes(need)}, {format_bytes(room)} free on "
-                f"{d.name} after evicting {', '.join(x.name for x in chosen)}"
+                f"{d.name} after {_made_room(chosen)}"
                 + (f" (at most {limits[d.name]} models on {d.name})" if over > 0 else ""))))
             used[d.name] += need
             return
@@ -336,3 +367,79 @@ class LRUPolicy:
                 f"model {m.name} needs {format_bytes(need)} but the largest device budget is "
                 f"{format_bytes(biggest.budget_bytes)} ({biggest.name})")))
         # otherwise memory is held by busy or loading models: the requests keep waiting
+
+    def _victims(self, view: ClusterView, d: Any, need: int, free: int, idle: dict[str, list[ModelView]],
+                 leaving: set[str], host: list[int], over: int = 0) -> tuple[list[tuple[ModelView, Any]], int] | None:
+        """The victims (first in victim order) whose leaving gives ``need`` bytes on ``d``, each with
+        its park plan (None: evicted; see :meth:`park_plan`), and the room they leave; None when
+        they cannot. A parked victim frees its runtime; a parking one what its weights held."""
+        chosen: list[tuple[ModelView, Any]] = []
+        room = free
+        host_left = list(host)
+        for x in idle.get(d.name, ()):
+            if room >= need and len(chosen) >= over:
+                break
+            if x.name in leaving:
+                continue
+            plan = self.park_plan(x, d, host_left) if x.state == "ready" else None
+            if plan is not None:
+                host_left[0] -= plan[0]
+                room += x.bytes - plan[1]
+            else:
+                room += x.bytes
+            chosen.append((x, plan))
+        if room >= need and chosen and len(chosen) >= over:
+            return chosen, room
+        return None
+
+    def _make_room(self, view: ClusterView, m: ModelView, need: int, d: Any, chosen: list, free: int, now: float,
+                   used: dict[str, int], leaving: set[str], out: list[Decision], host: list[int]) -> None:
+        for x, plan in chosen:
+            why = (f"{self.victim_reason(x, now, d.name)}; making room for {m.name}, which needs "
+                   f"{format_bytes(need)} with {format_bytes(free)} free")
+            if plan is not None:
+                host_bytes, keep = plan
+                out.append(Park(model=x.name, device=d.name, host_bytes=host_bytes, keep_bytes=keep, reason=(
+                    f"{why}; parked: its weights ({format_bytes(host_bytes)}) to host memory, "
+                    f"{format_bytes(host[0])} of it free")))
+                host[0] -= host_bytes
+                used[d.name] -= x.bytes - keep
+            else:
+                out.append(Evict(model=x.name, reason=why))
+                used[d.name] -= x.bytes
+            leaving.add(x.name)
+
+    def _wake(self, view: ClusterView, m: ModelView, n: int, now: float, used: dict[str, int], leaving: set[str],
+              out: list[Decision], d: Any, idle: dict[str, list[ModelView]], host: list[int]) -> None:
+        """Wake parked ``m`` on its device ``d``: it holds its runtime there, and needs the rest."""
+        need = needs(m)
+        more = max(0, need - m.bytes)
+        free = d.budget_bytes - used[d.name]
+        if more <= free:
+            out.append(Wake(model=m.name, device=d.name, bytes=need, reason=(
+                f"{n} request(s) waiting; parked, its weights need {format_bytes(more)} more on {d.name}, "
+                f"{format_bytes(free)} free")))
+            used[d.name] += more
+            if host:
+                host[0] += m.host_bytes
+            return
+        victims = {d.name: [x for x in idle.get(d.name, ()) if x.name != m.name]}
+        plan = self._victims(view, d, more, free, victims, leaving, host)
+        if plan is None:
+            return  # memory is held by busy or loading models: the requests keep waiting
+        chosen, room = plan
+        self._make_room(view, m, more, d, chosen, free, now, used, leaving, out, host)
+        out.append(Wake(model=m.name, device=d.name, bytes=need, reason=(
+            f"{n} request(s) waiting; parked, its weights need {format_bytes(more)} more on {d.name}, "
+            f"{format_bytes(room)} free after {_made_room(chosen)}")))
+        used[d.name] += more
+        if host:
+            host[0] += m.host_bytes
+
+
+def _made_room(chosen: list) -> str:
+    """Words for the victims of a placement: "evicting a, b" and/or "parking c"."""
+    evicted = [x.name for x, plan in chosen if plan is None]
+    parked = [x.name for x, plan in chosen if plan is not None]
+    parts = ([f"evicting {', '.join(evicted)}"] if evicted else []) + ([f"parking {', '.join(parked)}"] if parked else [])
+    return " and ".join(parts)

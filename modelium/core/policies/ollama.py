@@ -26,6 +26,7 @@ from modelium.core.policies.lru import LRUPolicy
 class OllamaPolicy(LRUPolicy):
     name = "ollama"
     busy_victims = True
+    parks = False  # Ollama unloads; it has no parked tier
 
     def __init__(self, keep_alive_s: float = 300.0, max_loaded_per_gpu: int = 3, retry_failed_s: float = 30.0,
                  max_crashes: int = 3):

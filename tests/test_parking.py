@@ -1,0 +1,319 @@
+"""Parking: a victim on a GPU keeps its worker and moves its weights to host memory (``Park``), and
+wakes (``Wake``) far faster than it loads. Pure tests of the rules (the fold, the policies, the
+executor's order), then a live server on a fake GPU with host memory for parked models."""
+
+import msgspec
+import pytest
+from helpers import MiB, Script, spec
+
+from modelium.core.execution import Execution, device_of
+from modelium.core.memory import Ledger
+from modelium.core.messages import (
+    DeviceHealth,
+    DeviceRegistered,
+    Evict,
+    Load,
+    LoadCompleted,
+    LoadStarted,
+    ModelDiscovered,
+    Park,
+    Parked,
+    RequestArrived,
+    RequestFinished,
+    Tick,
+    Unloaded,
+    Wake,
+    Woken,
+)
+from modelium.core.policies import CostAwarePolicy, LRUPolicy, OllamaPolicy
+from storage.registry import fold
+
+OVERHEAD = 50  # MiB of runtime (a CUDA context) a parked worker keeps on its GPU
+
+
+def kinds(ds):
+    return [(type(d).__name__, d.model) for d in ds]
+
+
+def scene(host_mib: int | None = 1000, gpu_mib: int = 400, kind: str = "gpu") -> Script:
+    """A GPU of ``gpu_mib`` (or the CPU), host memory for parked weights, models a, b, c of 150 MiB
+    of weights + 50 MiB of runtime each; a loaded (parkable) and used."""
+    s = Script(t0=0.0)
+    dev = "gpu:0" if kind == "gpu" else "cpu"
+    s.add(DeviceRegistered(device=dev, kind=kind, total_bytes=gpu_mib * MiB, budget_bytes=gpu_mib * MiB))
+    if host_mib is not None:
+        s.add(DeviceRegistered(device="host", kind="host", total_bytes=4 * host_mib * MiB, budget_bytes=host_mib * MiB))
+    for name in "abc":
+        s.add(ModelDiscovered(model=name, spec=msgspec.structs.replace(
+            spec(name, 150), runtime_overhead_bytes=OVERHEAD * MiB)))
+    loaded(s, "a", dev)
+    return s
+
+
+def loaded(s: Script, name: str, dev: str, parkable: bool = True) -> None:
+    s.add(Load(model=name, device=dev, bytes=200 * MiB, reason=""))
+    s.add(LoadStarted(model=name, device=dev))
+    s.add(LoadCompleted(model=name, device=dev, load_s=3.0, parkable=parkable))
+    s.add(RequestArrived(model=name, request_id=f"r-{name}"))
+    s.add(RequestFinished(model=name, request_id=f"r-{name}", status="ok"))
+
+
+def park(s: Script, name: str, dev: str = "gpu:0") -> None:
+    s.add(Park(model=name, device=dev, host_bytes=150 * MiB, keep_bytes=OVERHEAD * MiB, reason=""))
+    s.add(Parked(model=name, device=dev, host_bytes=150 * MiB, device_bytes=OVERHEAD * MiB, park_s=0.1))
+
+
+def decide(s: Script, policy, trigger=None):
+    if trigger is not None:
+        s.add(trigger)
+    return policy.decide(fold(s.events), s.events[-1][1])
+
+
+# -- the fold --------------------------------------------------------------------------------
+
+
+def test_the_fold_follows_a_model_through_park_and_wake():
+    s = scene()
+    s.add(Park(model="a", device="gpu:0", host_bytes=150 * MiB, keep_bytes=OVERHEAD * MiB, reason="room for b"))
+    a = fold(s.events).models["a"]
+    assert (a.state, a.bytes, a.host_bytes) == ("parking", 200 * MiB, 150 * MiB)
+    assert fold(s.events).used_bytes("gpu:0") == 0  # its memory is leaving, as an unloading model's
+    s.add(Parked(model="a", device="gpu:0", host_bytes=150 * MiB, device_bytes=OVERHEAD * MiB, park_s=0.2))
+    st = fold(s.events)
+    a = st.models["a"]
+    assert (a.state, a.device, a.bytes, a.host_bytes, a.parks) == ("parked", "gpu:0", OVERHEAD * MiB, 150 * MiB, 1)
+    assert st.used_bytes("gpu:0") == OVERHEAD * MiB  # its runtime stays on the GPU
+    s.add(Wake(model="a", device="gpu:0", bytes=200 * MiB, reason="1 request waiting"))
+    assert (fold(s.events).models["a"].state, fold(s.events).models["a"].bytes) == ("loading", 200 * MiB)
+    s.add(Woken(model="a", device="gpu:0", wake_s=0.25))
+    a = fold(s.events).models["a"]
+    assert (a.state, a.host_bytes, a.wake_s, a.loads) == ("ready", 0, 0.25, 1)  # a wake is not a load
+    park(s, "a")
+    s.add(Evict(model="a", reason="idle"))
+    s.add(Unloaded(model="a", device="gpu:0", reason="idle"))
+    a = fold(s.events).models["a"]
+    assert (a.state, a.device, a.host_bytes, a.parkable) == ("unloaded", None, 0, False)
+
+
+# -- the policies ----------------------------------------------------------------------------
+
+
+def test_a_victim_on_a_gpu_is_parked_when_host_memory_has_room():
+    s = scene(gpu_mib=450)
+    loaded(s, "b", "gpu:0")
+    out = decide(s, LRUPolicy(), RequestArrived(model="c", request_id="rc"))
+    # 450 MiB: a and b hold 200 each; c needs 200 with 50 free: a (least recently used) is parked
+    # and frees 150 (its runtime, 50, stays)
+    assert kinds(out) == [("Park", "a"), ("Load", "c")]
+    p = out[0]
+    assert (p.device, p.host_bytes, p.keep_bytes) == ("gpu:0", 150 * MiB, OVERHEAD * MiB)
+    assert "parked: its weights (150.0 MiB) to host memory, 1000.0 MiB of it free" in p.reason
+    assert "after parking a" in out[1].reason
+
+
+def test_without_host_memory_or_on_the_cpu_or_for_ollama_the_victim_is_evicted():
+    for s, policy in ((scene(host_mib=None), LRUPolicy()), (scene(host_mib=100), LRUPolicy()),
+                      (scene(kind="cpu"), LRUPolicy()), (scene(), OllamaPolicy())):
+        dev = next(e.device for _, e in s.events if isinstance(e, DeviceRegistered))
+        loaded(s, "b", dev)
+        out = decide(s, policy, RequestArrived(model="c", request_id="rc"))
+        assert ("Evict", "a") in kinds(out) and not any(isinstance(d, Park) for d in out), (policy.name, out)
+    s = scene()
+    s.events = [(q, msgspec.structs.replace(e, parkable=False) if isinstance(e, LoadCompleted) else e)
+                for q, e in s.events]  # a worker that cannot park (vLLM without sleep mode)
+    loaded(s, "b", "gpu:0", parkable=False)
+    assert kinds(decide(s, LRUPolicy(), RequestArrived(model="c", request_id="rc"))) == [("Evict", "a"), ("Load", "c")]
+
+
+def test_a_parked_model_asked_for_wakes_on_its_gpu_parking_another_for_room():
+    s = scene()
+    loaded(s, "b", "gpu:0")
+    park(s, "a")  # the GPU: a's runtime (50) + b (200) of 400
+    out = decide(s, CostAwarePolicy(), RequestArrived(model="a", request_id="ra2"))
+    # a needs 150 more, 150 free: it wakes with nothing moved
+    assert kinds(out) == [("Wake", "a")]
+    assert (out[0].device, out[0].bytes) == ("gpu:0", 200 * MiB)
+    assert "its weights need 150.0 MiB more on gpu:0, 150.0 MiB free" in out[0].reason
+    s2 = scene(gpu_mib=300)
+    park(s2, "a")
+    loaded(s2, "b", "gpu:0")  # 50 + 200 of 300
+    out = decide(s2, LRUPolicy(), RequestArrived(model="a", request_id="ra2"))
+    assert kinds(out) == [("Park", "b"), ("Wake", "a")]
+    assert "after parking b" in out[1].reason
+
+
+def test_a_parked_model_whose_gpu_is_unavailable_is_evicted_to_load_elsewhere():
+    s = scene()
+    park(s, "a")
+    s.add(DeviceRegistered(device="gpu:1", kind="gpu", total_bytes=400 * MiB, budget_bytes=400 * MiB))
+    s.add(DeviceHealth(device="gpu:0", available=False, reason="NVML: GPU is lost"))
+    out = decide(s, LRUPolicy(), RequestArrived(model="a", request_id="ra2"))
+    assert ("Evict", "a") in kinds(out)
+    ev = next(d for d in out if isinstance(d, Evict))
+    assert "gpu:0 is unavailable (NVML: GPU is lost)" in ev.reason
+
+
+def test_a_parked_model_is_evicted_once_idle_past_its_keep_alive():
+    s = scene()
+    park(s, "a")
+    assert decide(s, LRUPolicy(keep_alive_s=300), Tick()) == []
+    s.add(Tick(), dt=400)
+    out = LRUPolicy(keep_alive_s=300).decide(fold(s.events), s.events[-1][1])
+    assert kinds(out) == [("Evict", "a")] and "while parked" in out[0].reason
+
+
+def test_parked_models_are_victims_after_idle_ready_ones():
+    s = scene(gpu_mib=450)
+    park(s, "a")  # 50
+    loaded(s, "b", "gpu:0")  # 200 (used after a)
+    s.add(ModelDiscovered(model="d", spec=msgspec.structs.replace(spec("d", 150), runtime_overhead_bytes=OVERHEAD * MiB)))
+    s.add(DeviceRegistered(device="host", kind="host", total_bytes=4000 * MiB, budget_bytes=160 * MiB))
+    # c needs 200 of the 200 free: fits; then d needs 200 with 0 free: b is parked? no: the host
+    # has 10 MiB left after a, so b is evicted (a, older, stays parked: parked ones go last)
+    out = decide(s, LRUPolicy(), RequestArrived(model="c", request_id="rc"))
+    assert kinds(out) == [("Load", "c")]
+    s.add(Load(model="c", device="gpu:0", bytes=200 * MiB, reason=""))
+    s.add(LoadStarted(model="c", device="gpu:0"))
+    s.add(LoadCompleted(model="c", device="gpu:0", load_s=3.0, parkable=True))
+    s.add(RequestFinished(model="c", request_id="rc", status="ok"))
+    out = decide(s, LRUPolicy(), RequestArrived(model="d", request_id="rd"))
+    assert kinds(out) == [("Evict", "b"), ("Load", "d")]
+
+
+# -- the executor's order and the ledger -------------------------------------------------------
+
+
+def test_a_park_holds_up_its_device_as_an_eviction_does_and_a_wake_runs_like_a_load():
+    ex = Execution()
+    models = {"a": type("E", (), {"device": "gpu:0"})()}
+    p = Park(model="a", device="gpu:0", host_bytes=1, reason="")
+    ld = Load(model="b", device="gpu:0", bytes=1, reason="")
+    assert device_of(p, models) == "gpu:0" and device_of(Wake(model="a", device="gpu:1", bytes=1, reason=""), {}) == "gpu:1"
+    assert ex.submit(1, p, "gpu:0") == [(1, p)]
+    assert ex.submit(2, ld, "gpu:0") == []  # waits for the park
+    assert ex.evicted("gpu:0") == [(2, ld)]
+
+
+def test_the_ledger_resizes_a_parking_or_waking_model():
+    led = Ledger("gpu:0", 400 * MiB, {"a": 200 * MiB, "b": 150 * MiB})
+    assert led.resize("a", 50 * MiB) is None and led.free == 200 * MiB  # parked: its runtime stays
+    assert "needs 250.0 MiB more but only 200.0 MiB" in led.resize("a", 300 * MiB)
+    assert led.resize("a", 200 * MiB) is None and led.held["a"] == 200 * MiB
+    assert "holds nothing" in led.resize("z", 1)
+    with pytest.raises(AssertionError):
+        assert led.resize("a", -1) is None
+
+
+# -- live: a real server on a fake GPU ---------------------------------------------------------
+
+
+def test_a_real_server_parks_a_model_for_another_and_wakes_it_with_the_same_worker(make_server, tiny_llama):
+    """A fake GPU with room for one model (each ~309 MiB: a KV budget of 300 MiB, 8 MiB of
+    runtime): asking for the second parks the first (its worker stays), asking for the first again
+    parks the second and wakes the first in the same process, which answers as before."""
+    from conftest import copy_model
+
+    from storage.eventlog import read_events
+
+    server = make_server(args=["--fake-gpus", "1x500MiB", "--park-host", "64MiB"], extra_env={
+        "MODELIUM_SPARE_WORKERS": "0", "MODELIUM_MEASURED_MEMORY": "false", "MODELIUM_MEMORY_WATCH_S": "0",
+        "MODELIUM_RUNTIME_OVERHEAD": "8MiB", "MODELIUM_CONCURRENCY": "2400"}).start()
+    copy_model(tiny_llama, server.models, "llama")
+    copy_model(tiny_llama, server.models, "other")
+    server.wait_model("llama")
+    server.wait_model("other")
+    body = {"prompt": "Hello there", "max_tokens": 5, "temperature": 0}
+
+    def ask(model):
+        r = server.post("/v1/completions", json={"model": model, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    first = ask("llama")
+    ask("other")
+    assert server.get("/models/llama").json()["state"] == "parked"
+    assert ask("llama") == first  # woken, not loaded again: the same answer from the same worker
+    server.wait_committed()
+    evs = list(read_events(server.db, types=["Park", "Parked", "Wake", "Woken", "LoadCompleted", "Reserved"]))
+    order = [(type(e).__name__, e.model) for _, e in evs if type(e).__name__ != "Reserved"]
+    assert order == [("LoadCompleted", "llama"), ("Park", "llama"), ("Parked", "llama"), ("LoadCompleted", "other"),
+                     # one decision: park other, wake llama; the wake waits for the park to free the GPU
+                     ("Park", "other"), ("Wake", "llama"), ("Parked", "other"), ("Woken", "llama")], order
+    loads = [e for _, e in evs if type(e).__name__ == "LoadCompleted"]
+    assert len(loads) == 2  # llama loaded once
+    host = [e for _, e in evs if type(e).__name__ == "Reserved" and e.device == "host"]
+    assert [e.model for e in host] == ["llama", "other"]  # each parked's weights, on the host's ledger
+    status = server.get("/status").json()
+    assert status["devices"]["host"]["kind"] == "host"
+    m = server.get("/models/other").json()
+    assert m["state"] == "parked"
+
+
+def test_a_vllm_model_with_sleep_mode_is_parked_and_woken_by_the_brain(make_server, tiny_llama, tmp_path):
+    """The same on the vLLM backend (the stand-in ``vllm serve``): parking is ``POST /sleep?level=1``
+    and waking ``POST /wake_up`` on the same server process."""
+    import json
+    import shutil
+
+    from test_vllm_backend import STANDIN_COMMAND
+
+    from storage.eventlog import read_events
+
+    events = tmp_path / "standin-events.jsonl"
+    server = make_server(args=["--fake-gpus", "1x500MiB", "--park-host", "64MiB"], extra_env={
+        "MODELIUM_SPARE_WORKERS": "0", "MODELIUM_RUNTIME_OVERHEAD": "8MiB", "MODELIUM_CONCURRENCY": "2400",
+        "MODELIUM_VLLM_COMMAND": STANDIN_COMMAND, "MODELIUM_VLLM_SLEEP_MODE": "true",
+        "MODELIUM_VLLM_READY_TIMEOUT_S": "60", "VLLM_STANDIN_EVENTS": str(events)})
+    for name in ("a", "b"):
+        folder = tmp_path / "incoming" / name
+        shutil.copytree(tiny_llama, folder)
+        (folder / "modelium.yaml").write_text("backend: vllm\n")
+    server.start()
+    for name in ("a", "b"):
+        shutil.move(str(tmp_path / "incoming" / name), str(server.models / name))
+        server.wait_model(name)
+
+    def ask(model):
+        r = server.post("/v1/completions", json={"model": model, "prompt": "a b c d", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    assert ask("a") == "d c b"
+    assert ask("b") == "d c b"
+    assert ask("a") == "d c b"
+    server.wait_committed()
+    order = [(type(e).__name__, e.model) for _, e in read_events(
+        server.db, types=["Park", "Parked", "Wake", "Woken", "LoadCompleted", "Unloaded"])]
+    assert order == [("LoadCompleted", "a"), ("Park", "a"), ("Parked", "a"), ("LoadCompleted", "b"),
+                     ("Park", "b"), ("Wake", "a"), ("Parked", "b"), ("Woken", "a")], order
+    seen = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+    assert [e for e in seen if e in ("sleep", "wake_up")] == ["sleep", "sleep", "wake_up"]
+
+
+# -- the simulator: the same rules on a virtual clock --------------------------------------------
+
+
+def test_the_simulator_parks_and_wakes_and_with_host_memory_loads_far_less():
+    from replay.metrics import summarize
+    from replay.simulator import Config, simulate
+    from replay.workloads import load as load_workload
+
+    w = load_workload("synthetic:sessions", models=12, requests=1500, seed=3)
+    runs = {}
+    for host in (0, 60 * 10**9):
+        cfg = Config(devices={"gpu:0": 40 * 10**9}, policy="cost-aware", model_bytes=10 * 10**9, load_s=2.0,
+                     service_s=0.2, park_host_bytes=host, wake_s=0.2)
+        r = simulate(w, cfg)
+        runs[host] = (r, summarize(r))
+    (_, p), (parking, q) = runs[0], runs[60 * 10**9]
+    assert p["wakes"] == 0 and p["woken"] == 0
+    assert q["wakes"] > 0 and q["woken"] > 0
+    assert q["loads"] < p["loads"] / 2  # most returns are wakes, not loads
+    assert q["unanswered"] == p["unanswered"] == 0
+    st = fold(parking.log.rows)
+    assert st.devices["host"].kind == "host"
+    parked = [m for m in st.models.values() if m.state == "parked"]
+    # the host's ledger as the log tells it: each parked model's weights, within the budget
+    assert sum(st.devices["host"].reserved.values()) == sum(m.host_bytes for m in parked) <= 60 * 10**9
+    kinds_seen = {type(e).__name__ for _, e in parking.log.rows}
+    assert {"Park", "Parked", "Wake", "Woken"} <= kinds_seen
