@@ -317,3 +317,29 @@ def test_the_simulator_parks_and_wakes_and_with_host_memory_loads_far_less():
     assert sum(st.devices["host"].reserved.values()) == sum(m.host_bytes for m in parked) <= 60 * 10**9
     kinds_seen = {type(e).__name__ for _, e in parking.log.rows}
     assert {"Park", "Parked", "Wake", "Woken"} <= kinds_seen
+
+
+def test_an_operator_wakes_or_unloads_a_parked_model_and_a_pinned_one_wakes_when_it_fits():
+    from modelium.api.operator import load_decision, unload_decision
+    from modelium.core.errors import ModeliumError
+    from modelium.core.messages import Pinned
+
+    s = scene(gpu_mib=450)
+    park(s, "a")
+    st = fold(s.events)
+    w = load_decision(st, "a", None, "load by the administrator")
+    assert isinstance(w, Wake) and (w.device, w.bytes, w.policy) == ("gpu:0", 200 * MiB, "operator")
+    with pytest.raises(ModeliumError, match="parked on gpu:0: it wakes there"):
+        load_decision(st, "a", "cpu", "load")
+    with pytest.raises(ModeliumError, match="no device 'host' here"):
+        load_decision(st, "b", "host", "load")
+    assert isinstance(unload_decision(st, "a", "unload"), Evict)
+    loaded(s, "b", "gpu:0")
+    loaded(s, "c", "gpu:0")  # 50 + 200 + 200 of 450: no room to wake a
+    with pytest.raises(ModeliumError, match="needs 150.0 MiB more to wake, 0 B free"):
+        load_decision(fold(s.events), "a", None, "load")
+    s2 = scene()
+    park(s2, "a")
+    s2.add(Pinned(model="a"))
+    out = decide(s2, LRUPolicy(), Tick())
+    assert kinds(out) == [("Wake", "a")] and out[0].reason.startswith("pinned; parked")

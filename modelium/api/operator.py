@@ -31,7 +31,7 @@ from quart_trio import QuartTrio
 from modelium.api.errors import validation_error
 from modelium.api.principal import Principal, principal
 from modelium.core.errors import ErrorKind, ModeliumError
-from modelium.core.messages import OPERATOR, Evict, Load, OperatorAction, Pinned, Unpinned
+from modelium.core.messages import OPERATOR, Evict, Load, OperatorAction, Pinned, Unpinned, Wake
 from modelium.core.policies.base import needs
 from modelium.hardware import format_bytes
 
@@ -57,12 +57,27 @@ def _find(registry: Any, name: str) -> Any:
     return m
 
 
-def load_decision(registry: Any, name: str, device: str | None, why: str) -> Load:
-    """The ``Load`` an operator's load of ``name`` gives, from the registry (pure); a
-    :class:`ModeliumError` with the reason when it cannot be loaded now."""
+def load_decision(registry: Any, name: str, device: str | None, why: str) -> Load | Wake:
+    """The ``Load`` an operator's load of ``name`` gives, from the registry (pure); a parked model
+    is woken on its device (``Wake``); a :class:`ModeliumError` with the reason when it cannot be
+    loaded now."""
     m = _find(registry, name)
     if m.state == "invalid" or m.spec is None:
         raise ModeliumError(ErrorKind.conflict, f"model {name} cannot be served: {m.reason}")
+    if m.state == "parked":
+        if device is not None and device != m.device:
+            raise ModeliumError(ErrorKind.conflict, f"model {name} is parked on {m.device}: it wakes there (unload it "
+                                                    f"first to load it on {device[:100]})", param="device")
+        d = registry.devices[m.device]
+        need, free = needs(m), d.budget_bytes - registry.used_bytes(d.name)
+        if d.unavailable or need - m.bytes > free:
+            raise ModeliumError(ErrorKind.conflict, (
+                f"model {name} is parked on {d.name}, which is unavailable ({d.unavailable})" if d.unavailable else
+                f"model {name} is parked on {d.name} and needs {format_bytes(need - m.bytes)} more to wake, "
+                f"{format_bytes(free)} free; an operator's load evicts nothing: unload a model first"))
+        return Wake(model=name, device=d.name, bytes=need, policy=OPERATOR, reason=(
+            f"{why}; parked, its weights need {format_bytes(need - m.bytes)} more on {d.name}, "
+            f"{format_bytes(free)} free"))
     if m.state in _PLACED:
         raise ModeliumError(ErrorKind.conflict, f"model {name} is already {m.state} on {m.device}")
     if m.state not in _LOADABLE:
@@ -73,11 +88,12 @@ def load_decision(registry: Any, name: str, device: str | None, why: str) -> Loa
                                                 "the policy is placing it")
     if m.pinned:
         raise ModeliumError(ErrorKind.conflict, f"model {name} is pinned: the policy loads it when memory allows")
-    if device is not None and device not in registry.devices:
+    if device is not None and (device not in registry.devices or registry.devices[device].kind == "host"):
         raise ModeliumError(ErrorKind.bad_request, f"no device '{device[:100]}' here; devices: "
-                                                   f"{', '.join(sorted(registry.devices))}", param="device")
+                                                   f"{', '.join(sorted(n for n, d in registry.devices.items() if d.kind != 'host'))}",
+                                                   param="device")
     need = needs(m)
-    devices = sorted(registry.devices.values(), key=lambda d: (d.kind != "gpu", d.name))
+    devices = sorted((d for d in registry.devices.values() if d.kind != "host"), key=lambda d: (d.kind != "gpu", d.name))
     if device is not None:
         devices = [d for d in devices if d.name == device]
     if not devices:
@@ -108,7 +124,7 @@ def unload_decision(registry: Any, name: str, why: str) -> Evict:
     m = _find(registry, name)
     if m.pinned:
         raise ModeliumError(ErrorKind.conflict, f"model {name} is pinned; unpin it first")
-    if m.state != "ready":
+    if m.state not in ("ready", "parked"):
         raise ModeliumError(ErrorKind.conflict, f"model {name} is {m.state}, not loaded and ready"
                                                 + (": try again once it is ready" if m.state == "loading" else ""))
     return Evict(model=name, policy=OPERATOR, reason=why)
@@ -161,7 +177,7 @@ def add_operator_routes(app: QuartTrio, system: Any) -> None:
                                                  key_id=who.key_id, tenant=who.tenant, reason=body.reason))
             seq = log.publish(msgspec.structs.replace(decision, trigger=trigger))
             out.update(trigger=trigger, reason=decision.reason)
-            if isinstance(decision, Load):
+            if isinstance(decision, (Load, Wake)):
                 out.update(device=decision.device, bytes=decision.bytes)
         await log.flush(seq)  # the 202 promises the decision survives a crash
         out["seq"] = seq

@@ -135,7 +135,7 @@ class LRUPolicy:
                        devices: list, out: list[Decision]) -> None:
         """Load each ``(why, model)`` of ``wanted`` that is not loaded, on the first device where it
         fits in free memory (nothing is evicted for it); a model already loading in ``out`` is skipped."""
-        loading = {d.model for d in out if isinstance(d, Load)}
+        loading = {d.model for d in out if isinstance(d, (Load, Wake))}
         limits = {d.name: self.max_models(d) for d in devices}
         placed: dict[str, int] = {}
         if any(v is not None for v in limits.values()):
@@ -143,6 +143,16 @@ class LRUPolicy:
                 if x.device is not None and x.state in _PLACED:
                     placed[x.device] = placed.get(x.device, 0) + 1
         for why, m in wanted:
+            if m.state == "parked" and m.name not in loading and m.spec is not None and not m.removed:
+                d = view.devices.get(m.device)
+                more = needs(m) - m.bytes
+                if d is not None and not d.unavailable and more <= d.budget_bytes - used[d.name]:
+                    out.append(Wake(model=m.name, device=d.name, bytes=needs(m), reason=(
+                        f"{why}; parked, its weights need {format_bytes(more)} more on {d.name}, "
+                        f"{format_bytes(d.budget_bytes - used[d.name])} free")))
+                    used[d.name] += more
+                    loading.add(m.name)
+                continue
             if m.name in loading or m.state not in LOADABLE or m.spec is None or m.removed:
                 continue
             need = needs(m)
