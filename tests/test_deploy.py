@@ -512,10 +512,18 @@ def test_the_init_container_records_the_secrets_keys(values):
     ({"apiKeys": {"enabled": False}}, "refuses to serve on 0.0.0.0 without API keys"),
     ({"apiKeys": {"keys": [{"tenant": "a", "role": "root", "secretKey": "k"}]}}, "role must be user or admin"),
     ({"image": {"variant": "rocm"}}, "image.variant must be cpu or cuda"),
+    ({"apiKeys": {"keys": [{"tenant": "a", "role": "admin", "secretKey": "bad key!"}]}}, "is not a valid Secret key"),
+    ({"apiKeys": {"keys": [{"tenant": "a b", "role": "admin", "secretKey": "k"}]}}, "without spaces"),
+    ({"settings": {"drain_s": "abc"}}, "settings.drain_s must be a number of seconds"),
 ])
 def test_values_that_would_make_a_pod_that_cannot_start_are_refused_with_the_reason(values, message):
     with pytest.raises(RenderError, match=re.escape(message)):
         render(values)
+
+
+def test_a_numeric_image_tag_renders_as_written():
+    pod = rendered_kind(render({"image": {"tag": 1.5}}), "Deployment")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"].endswith(":1.5")
 
 
 def test_insecure_serves_without_keys_and_says_so():

@@ -46,7 +46,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "modelium.image" -}}
-{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion (include "modelium.variant" .)) }}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion (include "modelium.variant" .)) | toString }}
 {{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
 
@@ -86,9 +86,19 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if not (and $k.tenant $k.secretKey) }}
 {{- fail (printf "apiKeys.keys[%d] needs a tenant and a secretKey" $i) }}
 {{- end }}
+{{- if not (regexMatch "^[-._a-zA-Z0-9]{1,253}$" (toString $k.secretKey)) }}
+{{- fail (printf "apiKeys.keys[%d].secretKey %q is not a valid Secret key (letters, digits, '-', '_', '.')" $i (toString $k.secretKey)) }}
+{{- end }}
+{{- if not (regexMatch "^[[:graph:]]{1,200}$" (toString $k.tenant)) }}
+{{- fail (printf "apiKeys.keys[%d].tenant %q must be a name of printable characters without spaces (at most 200)" $i (toString $k.tenant)) }}
+{{- end }}
 {{- if not (has ($k.role | default "user") (list "user" "admin")) }}
 {{- fail (printf "apiKeys.keys[%d].role must be user or admin, not %q" $i $k.role) }}
 {{- end }}
+{{- end }}
+{{- $s := .Values.settings | default dict }}
+{{- if and (hasKey $s "drain_s") (not (regexMatch "^[0-9]+([.][0-9]+)?$" (toString $s.drain_s))) }}
+{{- fail (printf "settings.drain_s must be a number of seconds, not %q" (toString $s.drain_s)) }}
 {{- end }}
 {{- if lt (int .Values.gpu.count) 0 }}
 {{- fail "gpu.count must be 0 or more" }}
