@@ -255,7 +255,8 @@ def test_the_order_contest_picks_recency_for_sessions_and_frequency_for_populari
 
 def test_cost_aware_keeps_sessions_as_lru_does_and_counts_popularity_as_before():
     """On the sessions workload (temporal locality) counting alone loses to LRU badly; the order
-    contest brings cost-aware to LRU's figure, and leaves independent draws to the counts."""
+    contest (and the rates predicted from each model's gaps) bring cost-aware below LRU's figure,
+    and leave independent draws to the counts."""
     from replay.metrics import summarize
     from replay.simulator import Config, simulate
     from replay.workloads import synthetic
@@ -268,8 +269,94 @@ def test_cost_aware_keeps_sessions_as_lru_does_and_counts_popularity_as_before()
 
     lru, counting, adaptive = cold("sessions", "lru"), cold("sessions", "cost-aware", adaptive=False), \
         cold("sessions", "cost-aware")
-    assert adaptive < 0.7 * counting and adaptive <= 1.05 * lru, (lru, counting, adaptive)
+    assert adaptive < 0.7 * counting and adaptive < lru, (lru, counting, adaptive)
     assert cold("poisson", "cost-aware") == cold("poisson", "cost-aware", adaptive=False) < cold("poisson", "lru")
+
+
+def test_session_rate_is_high_inside_a_session_and_falls_to_the_rate_between_sessions():
+    from modelium.core.traffic import session_rate
+
+    # 7 gaps of ~10 s inside sessions (bin [8, 16): 12 s), one of ~700 s between them ([512, 1024): 768 s)
+    gaps = [0] * 24
+    gaps[gap_bin(10)], gaps[gap_bin(700)] = 7, 1
+    fresh = session_rate(gaps, 0.0, 16.0)
+    assert fresh.gaps == 8 and fresh.share == pytest.approx(0.7)  # 7 of 8 gaps, and 2 pseudo-gaps between
+    assert fresh.tau_s == 12 and fresh.between_s == pytest.approx((768 + 2 * 16 * 16) / 3)
+    assert fresh.alive == pytest.approx(0.7) and fresh.rate == pytest.approx(0.7 / 12 + 0.3 / fresh.between_s)
+    silent = session_rate(gaps, 60.0, 16.0)
+    on = 0.7 * math.exp(-60 / 12)
+    assert silent.alive == pytest.approx(on / (on + 0.3)) and silent.alive < 0.02
+    # a popular model asked every ~40 s, never in a session: the same rate however long it is silent
+    popular = [0] * 24
+    popular[gap_bin(40)] = 20
+    between = session_rate(popular, 30.0, 16.0)
+    assert between.share == 0 and between.alive == 0 and between.rate == pytest.approx(22 / (20 * 48 + 512))
+    assert between.rate == session_rate(popular, 300.0, 16.0).rate
+    assert silent.rate < between.rate < fresh.rate
+    assert session_rate([], math.inf, 16.0).rate == pytest.approx(1 / 256)  # no gaps yet: the priors
+    assert silent.words(16.0) == ("0.22 requests/min (idle 60 s; 70% of its 8 gaps under 16 s, mean 12.0 s: "
+                                  "still in a session with chance 0.02, else one every 427 s)")
+
+
+def test_cost_aware_evicts_a_session_that_ended_before_a_popular_model_between_sessions():
+    """When recency wins the contest, victims go by the rate predicted from their gaps: a rare
+    model whose short session ended goes before a popular model asked longer ago (LRU's victim),
+    but a session still going is kept."""
+    from modelium.core.messages import RequestFinished
+    from modelium.core.policies.cost_aware import contest
+
+    def script(quiet_s):
+        s = Script(t0=0.0)
+        s.device("cpu", 200)
+        for name in "prcd":
+            s.model(name)
+        load(s, "p")
+        load(s, "r")
+        plan = []
+        for k in range(6):  # p every 20 s; sessions of r, c, d (4 requests 2 s apart) in turn
+            t0 = 100.0 + 60 * k
+            plan += [(t0 + x, "p") for x in (0, 20, 40)]
+            plan += [(t0 + 3 + 2 * j, "rcd"[k % 3]) for j in range(4)]
+        plan += [(460, "p"), (465, "r"), (467, "r"), (469, "r"), (471, "r")]
+        for i, (t, name) in enumerate(sorted(plan)):
+            s.add(RequestArrived(model=name, request_id=f"r{i}"), dt=t - s.t)
+            s.add(RequestFinished(model=name, request_id=f"r{i}", status="ok", completion_tokens=1), dt=0.5)
+        s.add(RequestArrived(model="c", request_id="rc"), dt=471 + quiet_s - s.t)
+        return s
+
+    s = script(quiet_s=19)  # r's session (gaps of 2 s) ended: it was asked 19 s ago, p 30 s ago
+    assert contest(fold(s.events)).order == "recency"
+    out = decide(s, CostAwarePolicy())
+    assert kinds(out) == [("Evict", "r"), ("Load", "c")]
+    assert out[0].reason.startswith("lowest predicted request rate on cpu: 0.35 requests/min (idle 19 s; "
+                                    "69% of its 11 gaps under 16 s, mean 3.0 s: still in a session with chance 0.00, "
+                                    "else one every 224 s); recency order: over the last 48 arrivals"), out[0].reason
+    assert kinds(decide(s, LRUPolicy())) == [("Evict", "p"), ("Load", "c")]
+    assert kinds(decide(s, CostAwarePolicy(session_gap_s=0))) == [("Evict", "p"), ("Load", "c")]  # plain recency
+    s = script(quiet_s=2)  # r asked 2 s ago: its session likely goes on
+    assert kinds(decide(s, CostAwarePolicy())) == [("Evict", "p"), ("Load", "c")]
+    with pytest.raises(ValueError):
+        CostAwarePolicy(session_gap_s=-1)
+    assert make_policy("cost-aware", {"session_gap_s": "30"}).settings["session_gap_s"] == 30
+
+
+def test_cost_aware_has_fewer_cold_starts_than_the_online_baselines_on_sessions():
+    """Sessions (a model asked about 8 times, 10 s apart, then left): fewer cold starts than LRU,
+    Ollama and the seed rules at memory for 4 and 8 models. The midpoint of LRU and Belady is out
+    of reach (Belady knows when each session ends): at 4 models the predicted rates close about a
+    sixth of LRU's gap to Belady; at 8 a few requests."""
+    from replay.metrics import summarize
+    from replay.simulator import Config, simulate
+    from replay.workloads import synthetic
+
+    gb = 10**9
+    w = synthetic("sessions", seed=1, requests=2000, models=20, zipf=1.1, rate=1.0, sizes=[10 * gb])
+    for slots in (4, 8):
+        cold = {p: summarize(simulate(w, Config(devices={"gpu:0": slots * 10 * gb}, policy=p)))["cold_starts"]
+                for p in ("lru", "ollama", "seed-rules", "cost-aware", "belady")}
+        assert cold["belady"] < cold["cost-aware"] < min(cold["lru"], cold["ollama"], cold["seed-rules"]), cold
+        if slots == 4:
+            assert cold["lru"] - cold["cost-aware"] >= 0.1 * (cold["lru"] - cold["belady"]), cold
 
 
 def test_cost_aware_keeps_a_fresh_load_for_as_long_as_it_cost():

@@ -7,6 +7,7 @@ bin everything longer). ``storage.registry`` keeps them; policies read them.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -135,3 +136,75 @@ class Reuse:
         """(recency hits, frequency hits) of a cache of ``k`` models over the window."""
         k = max(0, min(k, REUSE_RANKS - 1))
         return sum(self.recency[:k]), sum(self.frequency[:k])
+
+
+def _bin_mid_s(i: int) -> float:
+    """A representative gap of bin ``i`` (its midpoint; the open last bin: 1.5 x its lower edge)."""
+    return 0.5 if i == 0 else 1.5 * 2 ** (i - 1)
+
+
+SESSION_PRIOR_GAPS = 2  # pseudo-gaps between sessions each model starts with
+SESSION_PRIOR_SPAN = 16  # their length, in multiples of the session gap
+
+
+@dataclass(frozen=True)
+class SessionRate:
+    """A model's expected request rate ``elapsed`` seconds after its latest arrival, when its
+    traffic comes in sessions (two states, from its gap histogram): gaps under ``short_s`` (rounded
+    down to a bin edge, a power of two) continue a session (``share`` of its ``gaps``, ``tau_s`` apart on average, taken as exponential), the
+    others start the next one (``between_s`` apart on average, two pseudo-gaps of 16 x
+    ``short_s`` added). ``alive`` is the chance that its session is still going after this
+    silence, ``rate`` (per second) = alive / tau_s + (1 - alive) / between_s."""
+
+    gaps: int
+    share: float
+    tau_s: float
+    between_s: float
+    elapsed_s: float
+    alive: float
+    rate: float
+
+    def words(self, short_s: float) -> str:
+        return (f"{self.rate * 60:.2f} requests/min (idle {self.elapsed_s:.0f} s; {self.share:.0%} of its "
+                f"{self.gaps} gaps under {bin_lower_s(gap_bin(short_s)):g} s, mean {self.tau_s:.1f} s: still in a session with chance "
+                f"{self.alive:.2f}, else one every {self.between_s:.0f} s)")
+
+
+def session_rate(gaps: Sequence[int], elapsed_s: float, short_s: float) -> SessionRate:
+    """See :class:`SessionRate`. ``gaps`` may be empty (no gaps yet: the priors alone)."""
+    n, share, tau, between = _session_fit(tuple(gaps), short_s)
+    alive, rate = _session_now(share, tau, between, elapsed_s)
+    return SessionRate(n, share, tau, between, elapsed_s, alive, rate)
+
+
+def session_rate_only(gaps: Sequence[int], elapsed_s: float, short_s: float) -> float:
+    """``session_rate(...).rate`` alone (what ordering victims needs, without the words)."""
+    _, share, tau, between = _session_fit(tuple(gaps), short_s)
+    return _session_now(share, tau, between, elapsed_s)[1]
+
+
+def _session_now(share: float, tau: float, between: float, elapsed_s: float) -> tuple[float, float]:
+    on = share * math.exp(-min(elapsed_s / tau, 700.0)) if elapsed_s > 0 else share
+    alive = on / (on + 1.0 - share)
+    return alive, alive / tau + (1.0 - alive) / between
+
+
+@functools.lru_cache(maxsize=4096)
+def _session_fit(gaps: tuple[int, ...], short_s: float) -> tuple[int, float, float, float]:
+    """(gaps, share, tau_s, between_s) of a gap histogram (a model's changes only when it is
+    asked: the policy asks again with the same histogram at every decision until then)."""
+    j = gap_bin(short_s)
+    ns = nl = 0
+    ts = tl = 0.0
+    for i, n in enumerate(gaps):
+        if n:
+            if i < j:
+                ns += n
+                ts += n * _bin_mid_s(i)
+            else:
+                nl += n
+                tl += n * _bin_mid_s(i)
+    share = ns / (ns + nl + SESSION_PRIOR_GAPS)
+    tau = ts / ns if ns else max(short_s, 0.5)
+    between = (tl + SESSION_PRIOR_GAPS * SESSION_PRIOR_SPAN * short_s) / (nl + SESSION_PRIOR_GAPS)
+    return ns + nl, share, tau, between

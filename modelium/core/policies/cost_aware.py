@@ -24,6 +24,17 @@ asked, each as large as what is resident now, have served more of them? When rec
 victims go least recently asked first (the score breaking ties), else by the score. The
 contest's figures are in the reason.
 
+Recency alone evicts a popular model that is between sessions before a rare one whose session
+has just ended. So when recency wins and ``session_gap_s`` is above 0 (16 s by default), victims
+go by their request rate predicted from their own gap histogram (:func:`session_rate`): a
+model is in a session or between sessions; gaps under ``session_gap_s`` (rounded down to a
+power of two, the histogram's bin edges) continue a session, the others start the next one;
+the longer a model is silent, the likelier its session has ended and the nearer its rate falls
+to its rate between sessions. Lowest predicted rate first, the
+least recently asked on ties; every figure is in the reason. (With sessions of 8 requests 10 s
+apart over 20 models, it has about 7 % fewer cold starts than LRU at memory for 4 models; see
+the README's evaluation.)
+
 Idle models are unloaded after a keep-alive of their own, learnt from their inter-arrival
 histogram (the hybrid histogram policy of Shahrad et al., "Serverless in the Wild", USENIX ATC
 2020): the upper edge of the gap bin holding ``keep_alive_percentile`` of the model's past gaps,
@@ -36,12 +47,21 @@ uses is in the decision's reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from modelium.core.policies.base import ClusterView, Decision, ModelView, needs
 from modelium.core.policies.lru import LOADABLE, LRUPolicy, json_number, requested_keep_alive
-from modelium.core.traffic import bin_lower_s, bin_upper_s, decayed_count, gap_percentile
+from modelium.core.traffic import (
+    SessionRate,
+    bin_lower_s,
+    bin_upper_s,
+    decayed_count,
+    gap_percentile,
+    session_rate,
+    session_rate_only,
+)
 from modelium.hardware import format_bytes
 
 
@@ -88,7 +108,8 @@ class CostAwarePolicy(LRUPolicy):
                  residency_factor: float = 0.0,
                  preload: bool = True, preload_percentile: float = 0.05, preload_lead_s: float = 10.0,
                  always_loaded: Any = (), priorities: dict[str, int] | None = None,
-                 retry_failed_s: float = 30.0, max_crashes: int = 3, adaptive: bool = True):
+                 retry_failed_s: float = 30.0, max_crashes: int = 3, adaptive: bool = True,
+                 session_gap_s: float = 16.0):
         self.adaptive = bool(adaptive) if not isinstance(adaptive, str) else adaptive.lower() in ("1", "true", "yes")
         self._view: ClusterView | None = None
         self._contest: Contest | None = None
@@ -107,6 +128,9 @@ class CostAwarePolicy(LRUPolicy):
         if isinstance(always_loaded, str):
             always_loaded = [n for n in always_loaded.split(",") if n]
         self.always_loaded = sorted(set(always_loaded))
+        self.session_gap_s = float(session_gap_s)
+        if not 0 <= self.session_gap_s < math.inf:
+            raise ValueError("session_gap_s must be a number of seconds >= 0 (0: recency order is plain LRU)")
         self.priorities = {str(k): int(v) for k, v in (priorities or {}).items()}
         if self.memory_s <= 0 or self.load_cost_floor_s <= 0:
             raise ValueError("memory_s and load_cost_floor_s must be > 0")
@@ -128,7 +152,8 @@ class CostAwarePolicy(LRUPolicy):
                 "residency_factor": self.residency_factor, "preload": self.preload,
                 "preload_percentile": self.preload_percentile, "preload_lead_s": self.preload_lead_s,
                 "always_loaded": self.always_loaded, "priorities": self.priorities,
-                "adaptive": self.adaptive, "retry_failed_s": self.retry_failed_s, "max_crashes": self.max_crashes}
+                "adaptive": self.adaptive, "session_gap_s": self.session_gap_s,
+                "retry_failed_s": self.retry_failed_s, "max_crashes": self.max_crashes}
 
     # -- the score ------------------------------------------------------------------------------
 
@@ -156,17 +181,26 @@ class CostAwarePolicy(LRUPolicy):
                 else Contest("frequency")
         return self._contest
 
+    def session(self, m: ModelView, now: float) -> SessionRate:
+        """``m``'s request rate predicted from its gaps (see the module docstring)."""
+        return session_rate(m.gaps, now - m.recent[-1] if m.recent else math.inf, self.session_gap_s)
+
     def victim_key(self, m: ModelView, now: float) -> tuple:
         young = now - m.loaded_at < self.residency(m)
         if self.order().order == "recency":
-            return (self.priorities.get(m.name, 0), young, m.last_used, self.score(m, now), m.name)
+            rate = session_rate_only(m.gaps, now - m.recent[-1] if m.recent else math.inf, self.session_gap_s) \
+                if self.session_gap_s > 0 else 0.0
+            return (self.priorities.get(m.name, 0), young, rate, m.last_used, self.score(m, now), m.name)
         return (self.priorities.get(m.name, 0), young, self.score(m, now), m.last_used, m.name)
 
     def victim_reason(self, m: ModelView, now: float, device: str) -> str:
         f, c = self.frequency(m, now), self.cost(m)
         size = m.bytes or needs(m)
         judged = self.order()
-        if judged.order == "recency":
+        if judged.order == "recency" and self.session_gap_s > 0:
+            parts = [f"lowest predicted request rate on {device}: {self.session(m, now).words(self.session_gap_s)}; "
+                     f"{judged.words()}"]
+        elif judged.order == "recency":
             parts = [f"least recently used on {device}, {judged.words()}"]
         else:
             parts = [f"lowest frequency x load cost / size on {device}: {f:.2f} x {c:.1f} s / {format_bytes(size)}"]
