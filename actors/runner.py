@@ -144,9 +144,13 @@ class Runner(Actor):
             self._poke.set()
 
     def request_park(self, d: Park) -> None:
-        """Drain, then move the weights to host memory (``moved`` is set when that is over)."""
-        self._park = d
+        """Drain, then move the weights to host memory (``moved`` is set when that is over, at
+        once when there is nothing to park: the runner is ending, or parked already)."""
         self.moved = trio.Event()
+        if self.done.is_set() or self.stop_reason is not None or self.parked or self.stopping:
+            self.moved.set()
+            return
+        self._park = d
         self._poke.set()
 
     def request_wake(self, d: Wake) -> None:
@@ -233,7 +237,9 @@ class Runner(Actor):
 
             async def watch_worker():
                 code = await w.wait_exit()
-                if not self.stopping:
+                # an exit nobody asked for (serving, draining for a park, parked, waking) is a crash;
+                # the memory watch stops the worker itself (it says oom)
+                if self.stop_reason is None and not oom:
                     exit_code.append(code)
                     self.stopping = True
                     await self.router.tell(RunnerGone(model=m, runner=self))  # no more requests here
@@ -294,6 +300,9 @@ class Runner(Actor):
         d, self._park = self._park, None
         assert d is not None
         try:
+            if self.jobs:  # requests that would not end: the weights cannot move under them
+                self.stop_reason = f"{d.reason}; {len(self.jobs)} request(s) would not stop, so it is unloaded"
+                return False
             if self.host_allocator is None:
                 self.stop_reason = f"{d.reason}; this server has no host memory for parked models, so it is unloaded"
                 return False
@@ -303,17 +312,25 @@ class Runner(Actor):
                 return False
             t0 = trio.current_time()
             try:
-                await w.park()
+                moved = await w.park()
             except Exception as exc:  # noqa: BLE001 - a failed park unloads the model
                 await self.host_allocator.ask(Release(model=self.model))
                 self.stop_reason = f"{d.reason}; parking failed ({exc}), so it is unloaded"
                 log.error("model %s: parking failed: %r", self.model, exc)
                 return False
             park_s = trio.current_time() - t0
+            host_bytes = d.host_bytes
+            if getattr(moved, "bytes", 0) > host_bytes:  # the worker says what its host copy holds
+                answer = await self.host_allocator.ask(Reserve(model=self.model, bytes=moved.bytes, resize=True))
+                if isinstance(answer, Refused):
+                    log.warning("model %s: its parked weights hold %d bytes, more than the %d reserved (%s)",
+                                self.model, moved.bytes, host_bytes, answer.reason)
+                else:
+                    host_bytes = moved.bytes
             await self.allocator.ask(Reserve(model=self.model, bytes=d.keep_bytes, resize=True))
             self.nbytes = d.keep_bytes
             self.parked = True
-            self.log.publish(Parked(model=self.model, device=self.device.name, host_bytes=d.host_bytes,
+            self.log.publish(Parked(model=self.model, device=self.device.name, host_bytes=host_bytes,
                                     device_bytes=d.keep_bytes, park_s=round(park_s, 4)))
             return True
         finally:
@@ -523,10 +540,10 @@ class Runners(Service):
             self.nursery.start_soon(self._park, d, device)
         elif isinstance(d, Wake):
             runner = self.runners.get(d.model)
-            if runner is None or not runner.parked:
-                self.log.publish(LoadFailed(model=d.model, device=d.device, reason="it has no parked worker to wake"))
-            else:
+            if runner is not None and runner.parked:
                 runner.request_wake(d)
+            else:  # its runner ended meanwhile (its terminal event says so), or it is awake already
+                log.warning("wake of %s skipped: %s", d.model, "it is not parked" if runner else "its runner is gone")
         elif isinstance(d, Reject):
             await self.router.tell(FailQueued(model=d.model, reason=d.reason, through=d.through, kind=d.kind))
 

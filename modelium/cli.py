@@ -178,7 +178,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from modelium.core.policies import POLICIES
     from replay import report as rep
     from replay.metrics import summarize
-    from replay.simulator import Config, SimulationError, parse_devices, simulate
+    from replay.simulator import Config, SimulationError, devices_from_log, parse_devices, simulate
     from replay.workloads import WorkloadError, fit_times, load, sizes_from_folder
     from storage.eventlog import LogError, read_events
 
@@ -201,11 +201,12 @@ def _simulate(args: argparse.Namespace) -> int:
             workload = fit_times(args.fit).fill(workload)
         if args.models_dir:
             workload = sizes_from_folder(workload, args.models_dir)
+        logged_host = 0
         if args.devices:
             devices = parse_devices(args.devices)
         elif args.from_log:
-            devices = {e.device: e.budget_bytes for _, e in read_events(args.workload, types=["DeviceRegistered"])
-                       if e.kind != "host"}  # host memory for parked models is not a place to load on
+            devices, logged_host = devices_from_log(read_events(
+                args.workload, types=["DeviceRegistered", "Reserved", "Released"]))
             if not devices:
                 return fail(f"{args.workload} registers no device: give --devices")
         else:
@@ -226,7 +227,7 @@ def _simulate(args: argparse.Namespace) -> int:
             model_bytes = parse_bytes(args.model_bytes)
         from modelium.hardware import parse_bytes as _bytes
 
-        park_host = _bytes(args.park_host) if args.park_host else 0
+        park_host = _bytes(args.park_host) if args.park_host else logged_host
         if args.wake_s < 0:
             return fail(f"--wake-s must be 0 or more, not {args.wake_s:g}")
     except (WorkloadError, SimulationError, LogError, ConfigError, ValueError) as e:

@@ -8,6 +8,7 @@ commits what is queued and records ``ServerStopped``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import logging
@@ -180,6 +181,10 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
     devs = devices if devices is not None else detect_devices(
         cpu_budget=settings.cpu_memory, gpu_fraction=settings.gpu_memory_fraction,
         gpu_reserve=settings.gpu_memory_reserve, fake_gpus=settings.fake_gpus, use_gpus=settings.use_gpus)
+    parking = settings.park_host_bytes > 0 and any(d.kind == "gpu" for d in devs)
+    if parking:  # parked weights live in host memory: what models on the CPU may use is that much less
+        devs = [dataclasses.replace(d, budget_bytes=max(0, d.budget_bytes - settings.park_host_bytes))
+                if d.kind == "cpu" else d for d in devs]
     policy = configured_policy(settings.policy, settings.policy_settings, keep_alive_s=settings.keep_alive_s,
                                retry_failed_s=settings.retry_failed_s)
     options = AnalysisOptions(
@@ -210,7 +215,7 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
                                             threshold=settings.device_sample_threshold,
                                             sampler=cluster.sample if cluster is not None and d.node else None)
                           for d in devs}
-            if settings.park_host_bytes > 0 and any(d.kind == "gpu" for d in devs):
+            if parking:
                 # host memory for parked weights: a ledger of its own (nothing loads on it)
                 host = DeviceInfo(name=HOST, kind="host", label="host memory for parked models",
                                   total_bytes=cpu_total_bytes(), budget_bytes=settings.park_host_bytes)

@@ -71,6 +71,27 @@ class SimulationError(ValueError):
     """A simulation that cannot run as asked; the message says why."""
 
 
+def devices_from_log(events: Any) -> tuple[dict[str, int], int]:
+    """The devices a server's log registered, as the simulator takes them: ``(name -> the budget its
+    models could use, host memory for parked weights)``. What each ledger held for the server's
+    warm spare workers (``Reserved`` of ``modelium.core.memory.SPARES``, the last one) comes out
+    of its budget, since the simulator keeps no spares; the ``host`` device is not a place to load."""
+    from modelium.core.memory import SPARES
+
+    budgets: dict[str, int] = {}
+    spares: dict[str, int] = {}
+    host = 0
+    for _, e in events:
+        if isinstance(e, DeviceRegistered):
+            if e.kind == "host":
+                host = e.budget_bytes
+            else:
+                budgets[e.device] = e.budget_bytes
+        elif isinstance(e, (Reserved, Released)) and e.model == SPARES:
+            spares[e.device] = e.bytes if isinstance(e, Reserved) else 0
+    return {d: max(0, b - spares.get(d, 0)) for d, b in budgets.items()}, host
+
+
 def parse_devices(text: str) -> dict[str, int]:
     """``"80GiB,80GiB"`` or ``"2x80GiB"`` (GPUs gpu:0, gpu:1, ...) or ``"gpu:0=80GiB,cpu=64GiB"``
     -> name -> bytes. Devices of a cluster carry their node: ``"node-a/gpu:0=24GiB,node-b/cpu=64GiB"``
@@ -348,8 +369,9 @@ class Simulation:
             self._parked(d.model)
 
     def _parked(self, model: str) -> None:
-        """A park's requests are over: its weights leave the device at once (a copy to host memory
-        takes a fraction of the wake's time; the simulator counts it as none)."""
+        """A park's requests are over: its weights leave the device at once. Live, the copy to host
+        memory takes about as long as a wake, during which its device's next decisions wait; the
+        simulator counts it as none (a simplification: parking looks slightly cheaper here)."""
         r = self.runners[model]
         d = r.pop("parking")
         device = r["device"]

@@ -53,7 +53,8 @@ from modelium.core.messages import (
 # where a model can be; "parking": its weights are leaving its device for host memory, "parked":
 # they are in host memory (its worker lives on, holding only its runtime on the device)
 STATES = ("discovered", "loading", "ready", "unloading", "parking", "parked", "unloaded", "failed", "invalid")
-PLACED = ("loading", "ready", "parked")  # holds memory that a new placement cannot use (a parked model: its runtime)
+# holds memory that a new placement cannot use (a parking or parked model: the runtime it keeps)
+PLACED = ("loading", "ready", "parking", "parked")
 # has (or is getting, or still has) a worker
 RESIDENT = ("loading", "ready", "unloading", "parking", "parked")
 
@@ -414,6 +415,7 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.state = "parking"
             m.reason = event.reason
             m.host_bytes = event.host_bytes
+            m.bytes = event.keep_bytes  # what stays on its device; the rest leaves (the executor orders it)
     elif t is Parked:
         m = _model(state, event.model)
         if m is not None and m.state == "parking":
@@ -429,8 +431,8 @@ def apply(state: State, seq: int, event: Event) -> State:  # noqa: C901 - one br
             m.reason = event.reason
     elif t is Woken:
         m = _model(state, event.model)
-        if m is not None:
-            if m.state != "unloading":
+        if m is not None and m.state in ("loading", "unloading"):
+            if m.state == "loading":
                 m.state = "ready"
             m.host_bytes = 0
             m.wake_s = event.wake_s

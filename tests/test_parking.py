@@ -76,8 +76,10 @@ def test_the_fold_follows_a_model_through_park_and_wake():
     s = scene()
     s.add(Park(model="a", device="gpu:0", host_bytes=150 * MiB, keep_bytes=OVERHEAD * MiB, reason="room for b"))
     a = fold(s.events).models["a"]
-    assert (a.state, a.bytes, a.host_bytes) == ("parking", 200 * MiB, 150 * MiB)
-    assert fold(s.events).used_bytes("gpu:0") == 0  # its memory is leaving, as an unloading model's
+    assert (a.state, a.bytes, a.host_bytes) == ("parking", OVERHEAD * MiB, 150 * MiB)
+    # its weights are leaving (the executor runs what follows on its GPU once they left); its
+    # runtime stays, and placements count it
+    assert fold(s.events).used_bytes("gpu:0") == OVERHEAD * MiB
     s.add(Parked(model="a", device="gpu:0", host_bytes=150 * MiB, device_bytes=OVERHEAD * MiB, park_s=0.2))
     st = fold(s.events)
     a = st.models["a"]
@@ -242,7 +244,11 @@ def test_a_real_server_parks_a_model_for_another_and_wakes_it_with_the_same_work
     loads = [e for _, e in evs if type(e).__name__ == "LoadCompleted"]
     assert len(loads) == 2  # llama loaded once
     host = [e for _, e in evs if type(e).__name__ == "Reserved" and e.device == "host"]
-    assert [e.model for e in host] == ["llama", "other"]  # each parked's weights, on the host's ledger
+    # each parked's weights on the host's ledger: first the decision's figure, then what the
+    # worker's host copy holds (its buffers too)
+    assert list(dict.fromkeys(e.model for e in host)) == ["llama", "other"]
+    parked = {e.model: e.host_bytes for _, e in read_events(server.db, types=["Parked"])}
+    assert [e.bytes for e in host if e.model == "llama"][-1] == parked["llama"]
     status = server.get("/status").json()
     assert status["devices"]["host"]["kind"] == "host"
     m = server.get("/models/other").json()
@@ -343,3 +349,131 @@ def test_an_operator_wakes_or_unloads_a_parked_model_and_a_pinned_one_wakes_when
     s2.add(Pinned(model="a"))
     out = decide(s2, LRUPolicy(), Tick())
     assert kinds(out) == [("Wake", "a")] and out[0].reason.startswith("pinned; parked")
+
+
+def test_a_parking_models_runtime_is_counted_while_it_parks():
+    s = scene(gpu_mib=450)
+    loaded(s, "b", "gpu:0")
+    out = decide(s, LRUPolicy(), RequestArrived(model="c", request_id="rc"))
+    assert kinds(out) == [("Park", "a"), ("Load", "c")]
+    for d in out:
+        s.add(d)
+    s.add(ModelDiscovered(model="d", spec=spec("d", 50)))
+    # a parks (keeping 50), b 200, c 200: 450 of 450, nothing free for d while a parks: b is parked
+    # for it (had a's runtime not been counted, d would have been loaded into 50 "free" bytes)
+    out = decide(s, LRUPolicy(), RequestArrived(model="d", request_id="rd"))
+    assert kinds(out) == [("Park", "b"), ("Load", "d")]
+
+
+def test_a_parked_model_wakes_beside_a_busy_one_when_what_it_lacks_is_free():
+    s = scene()
+    loaded(s, "b", "gpu:0")
+    park(s, "a")
+    s.add(RequestArrived(model="b", request_id="rb-busy"))  # b is busy: not a victim
+    # a holds 50, b 200: 150 free, and a needs 150 more
+    out = decide(s, LRUPolicy(), RequestArrived(model="a", request_id="ra2"))
+    assert kinds(out) == [("Wake", "a")]
+
+
+def test_a_parked_model_that_cannot_wake_on_its_gpu_loads_on_another_with_room():
+    from modelium.core.messages import Pinned
+
+    s = scene()
+    park(s, "a")
+    loaded(s, "b", "gpu:0")
+    s.add(Pinned(model="b"))
+    s.add(ModelDiscovered(model="big", spec=msgspec.structs.replace(spec("big", 100), runtime_overhead_bytes=0)))
+    loaded(s, "big", "gpu:0")  # gpu:0: a 50 + b 200 (pinned) + big 200 of 400
+    s.events = [(q, msgspec.structs.replace(e, budget_bytes=450 * MiB) if isinstance(e, DeviceRegistered)
+                 and e.device == "gpu:0" else e) for q, e in s.events]
+    s.add(RequestArrived(model="big", request_id="r-big-busy"))  # busy: not a victim
+    s.add(DeviceRegistered(device="gpu:1", kind="gpu", total_bytes=400 * MiB, budget_bytes=400 * MiB))
+    out = decide(s, LRUPolicy(), RequestArrived(model="a", request_id="ra2"))
+    assert kinds(out) == [("Evict", "a")]
+    assert "it loads again on gpu:1, which has room" in out[0].reason
+    for d in out:
+        s.add(d)
+    s.add(Unloaded(model="a", device="gpu:0", reason=out[0].reason))
+    assert kinds(decide(s, LRUPolicy(), Tick())) == [("Load", "a")]
+
+
+def test_a_log_gives_the_simulator_its_devices_less_the_spares_and_its_host_memory():
+    from modelium.core.memory import SPARES
+    from modelium.core.messages import Released, Reserved
+    from replay.simulator import devices_from_log
+
+    events = [DeviceRegistered(device="gpu:0", kind="gpu", total_bytes=10, budget_bytes=1000),
+              DeviceRegistered(device="cpu", kind="cpu", total_bytes=10, budget_bytes=800),
+              DeviceRegistered(device="host", kind="host", total_bytes=10, budget_bytes=500),
+              Reserved(device="cpu", model=SPARES, bytes=300), Reserved(device="gpu:0", model=SPARES, bytes=100),
+              Released(device="gpu:0", model=SPARES, bytes=100), Reserved(device="cpu", model="m", bytes=50)]
+    assert devices_from_log(enumerate(events, 1)) == ({"gpu:0": 1000, "cpu": 500}, 500)
+
+
+def test_the_host_copy_of_a_real_models_weights_gives_the_same_logits():
+    """The layout the worker parks weights in (one host buffer, a view per parameter and buffer),
+    on a real model: copied into it and swapped in, the model computes exactly what it did."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from modelium.backends.hf_worker import host_views, model_tensors
+    from modelium.demo import write_tiny_model
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = write_tiny_model(Path(d) / "m", "llama", seed=4)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        before = model(ids).logits
+        tensors = model_tensors(model)
+        buf, views = host_views(torch, [t.data for t in tensors])
+        assert buf.numel() >= sum(t.numel() * t.element_size() for t in tensors)
+        assert all(v.data_ptr() % 64 == 0 for v in views if v.numel())
+        for t, v in zip(tensors, views):
+            v.copy_(t.data)
+            t.data = v
+        assert all(t.data_ptr() == v.data_ptr() for t, v in zip(tensors, views))
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight or not model.config.tie_word_embeddings
+
+
+def test_a_worker_that_dies_while_parked_is_a_crash_and_gives_back_its_host_memory(make_server, tiny_llama):
+    import os
+    import signal
+    import time
+
+    from conftest import copy_model
+
+    from storage.eventlog import read_events
+
+    server = make_server(args=["--fake-gpus", "1x500MiB", "--park-host", "64MiB"], extra_env={
+        "MODELIUM_SPARE_WORKERS": "0", "MODELIUM_MEASURED_MEMORY": "false", "MODELIUM_MEMORY_WATCH_S": "0",
+        "MODELIUM_RUNTIME_OVERHEAD": "8MiB", "MODELIUM_CONCURRENCY": "2400"}).start()
+    copy_model(tiny_llama, server.models, "llama")
+    copy_model(tiny_llama, server.models, "other")
+    server.wait_model("llama")
+    server.wait_model("other")
+    for model in ("llama", "other"):
+        r = server.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    assert server.get("/models/llama").json()["state"] == "parked"
+    server.wait_committed()
+    pid = next(e.pid for _, e in read_events(server.db, types=["LoadCompleted"]) if e.model == "llama")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.get("/models/llama").json()["state"] == "parked" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.get("/models/llama").json()["state"] == "unloaded"
+    server.wait_committed()
+    crashed = [e for _, e in read_events(server.db, types=["WorkerCrashed"]) if e.model == "llama"]
+    assert len(crashed) == 1 and "SIGKILL" in crashed[0].reason
+    released = [e for _, e in read_events(server.db, types=["Released"]) if e.model == "llama"]
+    assert {e.device for e in released} == {"gpu:0", "host"}  # its runtime and its parked weights
+    assert server.get("/status").json()["devices"]["host"]["reserved_bytes"] == 0  # nothing parked now
+    r = server.post("/v1/completions", json={"model": "llama", "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200, r.text  # loaded again (other parked for it)
+    assert server.get("/models/other").json()["state"] == "parked"

@@ -28,7 +28,8 @@ def test_a_workload_simulated_from_the_servers_own_log_decides_what_the_server_d
 
     # three tiny models, memory for two: each is estimated at ~385 MiB and measures ~460 MiB once
     # loaded (the worker's resident set plus its KV budget), so 1,000 MiB holds two, never three
-    server = make_server(args=["--cpu-memory", "1000MiB"], extra_env={"MODELIUM_SPARE_WORKERS": "2"}).start()
+    # 1,768 MiB less 2 x 384 MiB charged for the two spare workers: 1,000 MiB for models
+    server = make_server(args=["--cpu-memory", "1768MiB"], extra_env={"MODELIUM_SPARE_WORKERS": "2"}).start()
     third = write_tiny_model(tmp_path / "third", "llama", seed=9)
     for name, src in (("a", tiny_llama), ("b", tiny_gpt2), ("c", third)):
         copy_model(src, server.models, name)

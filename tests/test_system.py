@@ -13,6 +13,7 @@ from helpers import ask as ask_router
 from actors.base import ActorDied
 from actors.router import Refused
 from modelium.core.config import Settings
+from modelium.core.memory import SPARES
 from modelium.core.messages import (
     ActorCrashed,
     Generation,
@@ -36,7 +37,8 @@ async def system(tmp_path, tiny_llama, tiny_gpt2, nursery):
     models.mkdir()
     shutil.copytree(tiny_llama, models / "llama")
     shutil.copytree(tiny_gpt2, models / "gpt2")
-    settings = Settings(models_dirs=[models], db=tmp_path / "log.db", spare_workers=1, cpu_memory="600MiB",
+    # 984 MiB: 600 MiB for models after the spare worker's 384
+    settings = Settings(models_dirs=[models], db=tmp_path / "log.db", spare_workers=1, cpu_memory="984MiB",
                         max_inflight=1, scan_interval_s=0.2, settle_s=0.0, request_timeout_s=120, tick_s=1)
     system = await nursery.start(lambda task_status: run_system(settings, task_status=task_status, serve_api=False))
     with trio.fail_after(30):
@@ -142,4 +144,4 @@ async def test_an_executor_crash_leaves_running_models_alone(system):
     # and it still carries out decisions: gpt2 needs llama's memory, so llama is evicted
     assert (await ask(system, "other", model="gpt2")).completion_tokens >= 1
     assert system.registry.models["llama"].state == "unloaded"
-    assert system.registry.devices["cpu"].reserved.keys() == {"gpt2"}
+    assert system.registry.devices["cpu"].reserved.keys() == {"gpt2", SPARES}  # and the spare worker

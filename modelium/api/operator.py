@@ -65,6 +65,9 @@ def load_decision(registry: Any, name: str, device: str | None, why: str) -> Loa
     if m.state == "invalid" or m.spec is None:
         raise ModeliumError(ErrorKind.conflict, f"model {name} cannot be served: {m.reason}")
     if m.state == "parked":
+        if m.waiting:
+            raise ModeliumError(ErrorKind.conflict, f"model {name} has {len(m.waiting)} request(s) waiting: "
+                                                    "the policy is waking it")
         if device is not None and device != m.device:
             raise ModeliumError(ErrorKind.conflict, f"model {name} is parked on {m.device}: it wakes there (unload it "
                                                     f"first to load it on {device[:100]})", param="device")

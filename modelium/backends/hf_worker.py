@@ -1434,28 +1434,66 @@ def _input_chars(req: Any) -> int:
 JOBS: dict[int, Work] = {}  # jobs not ended, by id (the main thread adds, whoever ends removes)
 
 
-def move_weights(torch: Any, model: Any, device: str, to_host: bool) -> int:
-    """Move ``model``'s parameters and buffers to host memory (pinned, on a CUDA device, so that
-    waking copies at the bus's full speed) or back onto ``device``; returns their bytes. Tensors
-    already where they go stay (a model on the CPU, or a fake GPU, moves nothing). Each tensor
-    keeps its identity (``.data`` is swapped), so tied weights stay tied."""
-    cuda = device.startswith("cuda")
-    total = 0
+HOST_ALIGN = 64  # bytes: every tensor's place in the host buffer starts on such a boundary
+
+
+def model_tensors(model: Any) -> list[Any]:
+    """The model's parameters and buffers, each once (tied weights are one parameter)."""
+    seen: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
-        total += t.numel() * t.element_size()
-        if not cuda:
-            continue
-        if to_host and t.device.type != "cpu":
-            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-            host.copy_(t.data, non_blocking=True)
-            t.data = host
-        elif not to_host and t.device.type == "cpu":
-            t.data = t.data.to(device, non_blocking=True)
-    if cuda:
-        torch.cuda.synchronize(device)
-        if to_host:
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def host_views(torch: Any, tensors: list[Any]) -> tuple[Any, list[Any]]:
+    """One host buffer (bytes) laid out for ``tensors`` and a view of it shaped as each: one
+    allocation of the exact size, which can be pinned at once and freed at once (torch's caching
+    pinned allocator would round each tensor up to a power of two and keep the blocks)."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // HOST_ALIGN) * HOST_ALIGN
+    buf = torch.empty(max(total, 1), dtype=torch.uint8, device="cpu")
+    views = [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for t, o in zip(tensors, offsets)]
+    return buf, views
+
+
+def _pin(torch: Any, buf: Any) -> bool:
+    """Page-lock ``buf`` for CUDA (fast copies both ways); False when the driver refuses."""
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)) == 0
+    except Exception:  # noqa: BLE001 - an unpinned buffer still works, at pageable speed
+        return False
+
+
+class Parking:
+    """The weights of a parked model: one host buffer (pinned when CUDA allows) holding every
+    parameter and buffer of the model, each tensor's ``.data`` swapped for its view (so every
+    module, tied weights included, sees them); waking swaps them back onto the device and frees it."""
+
+    def __init__(self, torch: Any, model: Any, device: str):
+        self.torch, self.device = torch, device
+        self.tensors = [t for t in model_tensors(model) if t.device.type != "cpu"]
+        self.bytes = sum(t.numel() * t.element_size() for t in model_tensors(model))
+        self.buf, views = host_views(torch, [t.data for t in self.tensors]) if self.tensors else (None, [])
+        self.pinned = self.buf is not None and _pin(torch, self.buf)
+        for t, v in zip(self.tensors, views):
+            v.copy_(t.data, non_blocking=self.pinned)
+        if self.tensors:
+            torch.cuda.synchronize(device)
+        for t, v in zip(self.tensors, views):
+            t.data = v
+        if self.tensors:
             torch.cuda.empty_cache()
-    return total
+
+    def wake(self) -> None:
+        for t in self.tensors:
+            t.data = t.data.to(self.device, non_blocking=self.pinned)
+        if self.tensors:
+            self.torch.cuda.synchronize(self.device)
+        if self.pinned:
+            self.torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+        self.buf, self.tensors = None, []
 
 
 class Worker:
@@ -1466,6 +1504,7 @@ class Worker:
         self.out = Outbox(chan)  # used by the engine thread only
         self.state: Loaded | None = None
         self.engine: Engine | None = None
+        self.parking: Parking | None = None  # the model's weights while it is parked
         self.loading = False
         self._loaded = threading.Event()  # the prepare thread has a model for the main thread
         self._handoff: tuple[Engine, Loaded, ModelLoaded] | None = None
@@ -1513,10 +1552,22 @@ class Worker:
         if state is None:
             self._send(Moved(state="", error="no model is loaded in this worker"))
             return
+        if JOBS:
+            self._send(Moved(state="", error=f"{len(JOBS)} job(s) in flight: the weights cannot move under them"))
+            return
+        if to_host == (self.parking is not None):
+            self._send(Moved(state="", error="parked already" if to_host else "not parked"))
+            return
         t0 = time.perf_counter()
         try:
             with self.torch.no_grad():
-                moved = move_weights(self.torch, state.model, state.device, to_host)
+                if to_host:
+                    self.parking = Parking(self.torch, state.model, state.device)
+                    moved = self.parking.bytes
+                else:
+                    moved = self.parking.bytes
+                    self.parking.wake()
+                    self.parking = None
         except Exception as e:  # noqa: BLE001 - the runner decides what a failed move means
             log.exception("moving the weights %s failed", "to host memory" if to_host else "back")
             self._send(Moved(state="", error=f"{type(e).__name__}: {e}"))

@@ -57,7 +57,7 @@ from modelium.core.policies.base import (
 
 _NOT_RESIDENT = ("discovered", "unloaded", "failed", "invalid")
 _WANTS = _NOT_RESIDENT + ("parked",)  # states in which waiting requests need a decision (a load or a wake)
-_PLACED = ("loading", "ready", "parked")  # holds memory that a new placement cannot use (a parked model: its runtime)
+_PLACED = ("loading", "ready", "parking", "parked")  # holds memory a new placement cannot use (parking, parked: the runtime)
 LOADABLE = ("discovered", "unloaded")  # may be loaded without a request (pinned, pre-loaded)
 
 
@@ -239,8 +239,9 @@ class LRUPolicy:
         # the host's ledger for parked weights: [free bytes] (empty: this server does not park)
         host: list[int] = []
         if host_entry is not None and self.parks:
+            # parked weights (and those parking, or waking until Woken) hold host memory
             host.append(host_entry.budget_bytes - sum(x.host_bytes for x in models.values()
-                                                      if x.state in ("parking", "parked") and x.name not in leaving))
+                                                      if x.host_bytes and x.name not in leaving))
         devices = sorted((d for d in view.devices.values() if not d.unavailable and d.kind != "host"),
                          key=lambda d: (d.kind != "gpu", d.name))
         for victims in idle.values():  # idle ones first (busy ones, where allowed, drain first), parked ones last
@@ -294,7 +295,8 @@ class LRUPolicy:
                         f"{format_bytes(d.budget_bytes - held[d.name])} of {d.name} is not held by pinned models "
                         f"({', '.join(pins)}); unpin one to make room")))
                     continue
-            if spare < needs(m) <= biggest:
+            more = needs(m) - (m.bytes if m.state == "parked" else 0)  # a parked model holds its runtime already
+            if spare < more and needs(m) <= biggest:
                 continue  # memory is held by busy or loading models: the requests keep waiting
             decided = len(out)
             self._place(view, m, n, now, used, leaving, out, devices, idle, host)
@@ -313,8 +315,11 @@ class LRUPolicy:
         host = host if host is not None else []
         need = needs(m)
         waking = m.state == "parked"
+        elsewhere = [d for d in devices if runs_on(m, d) and d.name != m.device]
         devices = [d for d in devices if runs_on(m, d) and (not waking or d.name == m.device)]
         if waking:
+            if m.name in leaving:
+                return  # evicted already (its device is unavailable)
             if not devices or need > devices[0].budget_bytes:
                 where = view.devices.get(m.device)
                 out.append(Evict(model=m.name, reason=(
@@ -323,7 +328,14 @@ class LRUPolicy:
                     + f"; {n} request(s) waiting: it loads again where it fits"))
                 leaving.add(m.name)
                 return
-            self._wake(view, m, n, now, used, leaving, out, devices[0], idle, host)
+            if not self._wake(view, m, n, now, used, leaving, out, devices[0], idle, host):
+                # nothing on its device makes room; if another device has room now, it loads there
+                room = [d for d in elsewhere if need <= d.budget_bytes - used[d.name]]
+                if room:
+                    out.append(Evict(model=m.name, reason=(
+                        f"parked on {m.device}, where nothing idle makes the {format_bytes(need - m.bytes)} it needs "
+                        f"to wake; {n} request(s) waiting: it loads again on {room[0].name}, which has room")))
+                    leaving.add(m.name)
             return
         if not devices:
             return
@@ -420,8 +432,9 @@ class LRUPolicy:
             leaving.add(x.name)
 
     def _wake(self, view: ClusterView, m: ModelView, n: int, now: float, used: dict[str, int], leaving: set[str],
-              out: list[Decision], d: Any, idle: dict[str, list[ModelView]], host: list[int]) -> None:
-        """Wake parked ``m`` on its device ``d``: it holds its runtime there, and needs the rest."""
+              out: list[Decision], d: Any, idle: dict[str, list[ModelView]], host: list[int]) -> bool:
+        """Wake parked ``m`` on its device ``d``: it holds its runtime there, and needs the rest.
+        False when nothing there makes room now (its host bytes come back at ``Woken``)."""
         need = needs(m)
         more = max(0, need - m.bytes)
         free = d.budget_bytes - used[d.name]
@@ -430,21 +443,18 @@ class LRUPolicy:
                 f"{n} request(s) waiting; parked, its weights need {format_bytes(more)} more on {d.name}, "
                 f"{format_bytes(free)} free")))
             used[d.name] += more
-            if host:
-                host[0] += m.host_bytes
-            return
+            return True
         victims = {d.name: [x for x in idle.get(d.name, ()) if x.name != m.name]}
         plan = self._victims(view, d, more, free, victims, leaving, host)
         if plan is None:
-            return  # memory is held by busy or loading models: the requests keep waiting
+            return False
         chosen, room = plan
         self._make_room(view, m, more, d, chosen, free, now, used, leaving, out, host)
         out.append(Wake(model=m.name, device=d.name, bytes=need, reason=(
             f"{n} request(s) waiting; parked, its weights need {format_bytes(more)} more on {d.name}, "
             f"{format_bytes(room)} free after {_made_room(chosen)}")))
         used[d.name] += more
-        if host:
-            host[0] += m.host_bytes
+        return True
 
 
 def _made_room(chosen: list) -> str:
