@@ -70,7 +70,7 @@ def test_event_json_has_seq_type_ts_and_every_field():
     out = event_json(7, e)
     assert out == {"seq": 7, "type": "LoadCompleted", "ts": 12.0, "model": "m", "device": "cpu", "load_s": 1.5,
                    "pid": 0, "worker_s": 0.0, "memory_bytes": 0, "build_s": 0.0, "weights_s": 0.0, "warmup_s": 0.0,
-                   "loader": ""}
+                   "loader": "", "parkable": False}
     assert list(out)[:3] == ["seq", "type", "ts"]
     u = event_json(8, UnknownEvent(type_name="QuantumLeap", v=3, body=b"\x00\xff", ts=1.0))
     assert u["type"] == "UnknownEvent" and u["type_name"] == "QuantumLeap"
