@@ -209,21 +209,30 @@ def test_the_ledger_resizes_a_parking_or_waking_model():
 # -- live: a real server on a fake GPU ---------------------------------------------------------
 
 
-def test_a_real_server_parks_a_model_for_another_and_wakes_it_with_the_same_worker(make_server, tiny_llama):
-    """A fake GPU with room for one model (each ~309 MiB: a KV budget of 300 MiB, 8 MiB of
-    runtime): asking for the second parks the first (its worker stays), asking for the first again
-    parks the second and wakes the first in the same process, which answers as before."""
+def two_models_one_fits(make_server, tiny_llama):
+    """A server on a fake GPU of 500 MiB with host memory for parked models, and two copies of the
+    tiny Llama (llama, other) that it holds one at a time: each ~309 MiB (a KV budget of 300 MiB,
+    8 MiB of runtime), estimates kept (no measures, no memory watch: the worker's resident set on
+    the CPU is what a GPU's would not be)."""
     from conftest import copy_model
-
-    from storage.eventlog import read_events
 
     server = make_server(args=["--fake-gpus", "1x500MiB", "--park-host", "64MiB"], extra_env={
         "MODELIUM_SPARE_WORKERS": "0", "MODELIUM_MEASURED_MEMORY": "false", "MODELIUM_MEMORY_WATCH_S": "0",
         "MODELIUM_RUNTIME_OVERHEAD": "8MiB", "MODELIUM_CONCURRENCY": "2400"}).start()
-    copy_model(tiny_llama, server.models, "llama")
-    copy_model(tiny_llama, server.models, "other")
-    server.wait_model("llama")
-    server.wait_model("other")
+    for name in ("llama", "other"):
+        copy_model(tiny_llama, server.models, name)
+    for name in ("llama", "other"):
+        server.wait_model(name)
+    return server
+
+
+def test_a_real_server_parks_a_model_for_another_and_wakes_it_with_the_same_worker(make_server, tiny_llama):
+    """A fake GPU with room for one model (each ~309 MiB: a KV budget of 300 MiB, 8 MiB of
+    runtime): asking for the second parks the first (its worker stays), asking for the first again
+    parks the second and wakes the first in the same process, which answers as before."""
+    from storage.eventlog import read_events
+
+    server = two_models_one_fits(make_server, tiny_llama)
     body = {"prompt": "Hello there", "max_tokens": 5, "temperature": 0}
 
     def ask(model):
@@ -446,17 +455,9 @@ def test_a_worker_that_dies_while_parked_is_a_crash_and_gives_back_its_host_memo
     import signal
     import time
 
-    from conftest import copy_model
-
     from storage.eventlog import read_events
 
-    server = make_server(args=["--fake-gpus", "1x500MiB", "--park-host", "64MiB"], extra_env={
-        "MODELIUM_SPARE_WORKERS": "0", "MODELIUM_MEASURED_MEMORY": "false", "MODELIUM_MEMORY_WATCH_S": "0",
-        "MODELIUM_RUNTIME_OVERHEAD": "8MiB", "MODELIUM_CONCURRENCY": "2400"}).start()
-    copy_model(tiny_llama, server.models, "llama")
-    copy_model(tiny_llama, server.models, "other")
-    server.wait_model("llama")
-    server.wait_model("other")
+    server = two_models_one_fits(make_server, tiny_llama)
     for model in ("llama", "other"):
         r = server.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 200, r.text

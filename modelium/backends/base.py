@@ -36,6 +36,20 @@ class Outcome:
     client_gone: bool = False
 
 
+class MeasuredAtLoad:
+    """A worker whose footprint is what it measured after its load (``loaded``, its ModelLoaded)."""
+
+    loaded: ModelLoaded | None
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.loaded.memory_bytes if self.loaded is not None else 0
+
+    @property
+    def memory_source(self) -> str:
+        return self.loaded.memory_source if self.loaded is not None else "rss"
+
+
 class Job(Protocol):
     id: int
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Literal
 
 import trio
 
-from modelium.backends.base import Outcome
+from modelium.backends.base import MeasuredAtLoad, Outcome
 from modelium.backends.framing import FrameError, TrioChannel, encode_frame
 from modelium.backends.hf_worker import set_idle_priority
 from modelium.core.errors import ErrorKind, ModeliumError
@@ -186,7 +186,7 @@ class HFJob:
         return Outcome(self.terminal, self.first_token_at, self.client_gone)
 
 
-class HFWorker:
+class HFWorker(MeasuredAtLoad):
     """One worker process. Made by :class:`HFBackend`; its helper tasks run in the backend's nursery."""
 
     def __init__(self, popen: subprocess.Popen, chan: TrioChannel, output: trio.lowlevel.FdStream,
@@ -235,14 +235,6 @@ class HFWorker:
     @property
     def inflight(self) -> int:
         return len(self._jobs)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.loaded.memory_bytes if self.loaded is not None else 0
-
-    @property
-    def memory_source(self) -> str:
-        return self.loaded.memory_source if self.loaded is not None else "rss"
 
     def _tail_for_reason(self, n: int = 1500) -> str:
         tail = self.output_tail.strip()

@@ -41,6 +41,7 @@ from typing import Any
 
 import trio
 
+from modelium.backends.base import MeasuredAtLoad
 from modelium.backends.hf import BackendError, HFBackend, HFJob, msgspec_replace_id
 from modelium.core.cluster import node_label
 from modelium.core.errors import ErrorKind, ModeliumError
@@ -224,7 +225,7 @@ def _next_frames(gen: Any) -> list[Any] | None:
     return ray.get(ref)
 
 
-class RayWorker:
+class RayWorker(MeasuredAtLoad):
     """One model's actor. Made by :class:`RayBackend`; its tasks run in the backend's nursery."""
 
     can_park = False
@@ -256,14 +257,6 @@ class RayWorker:
     @property
     def inflight(self) -> int:
         return len(self._jobs)
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.loaded.memory_bytes if self.loaded is not None else 0
-
-    @property
-    def memory_source(self) -> str:
-        return self.loaded.memory_source if self.loaded is not None else "rss"
 
     async def measure(self) -> int:
         """The actor's resident memory now (bytes)."""
