@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TESTS  := $(VENV)/.installed-test
 MODELS ?= models
 
 .PHONY: serve test bench venv clean
@@ -20,17 +21,22 @@ $(STAMP): pyproject.toml
 		echo "no NVIDIA GPU: installing torch 2.13.0 (CPU build)"; \
 		$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -e ".[test,ray]"
+	$(PY) -m pip install -q -e .
 	@touch $(STAMP)
+
+# what the tests need on top: their tools, Ray (its tests run), helm and the Kubernetes models
+$(TESTS): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[test,ray]"
+	@touch $(TESTS)
 
 serve: $(STAMP)
 	@if [ -z "$$(ls -A $(MODELS) 2>/dev/null)" ]; then $(VENV)/bin/modelium demo-model $(MODELS)/demo; fi
 	$(VENV)/bin/modelium serve --models $(MODELS)
 
-test: $(STAMP)
+test: $(TESTS)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(TESTS)
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) bench/eventlog.py
 	$(PY) bench/analysis.py
