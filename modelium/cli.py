@@ -411,7 +411,7 @@ def parser() -> argparse.ArgumentParser:
     ri.add_argument("--json", action="store_true")
     ri.set_defaults(fn=_replay)
     rs = rsub.add_parser("simulate", help="run policies over a workload in virtual time; report what each did")
-    rs.add_argument("workload", help="a CSV file, azure:code, azure:conv, synthetic:poisson|bursty|diurnal, "
+    rs.add_argument("workload", help="a CSV file, azure:code, azure:conv, synthetic:poisson|bursty|diurnal|sessions, "
                                      "or a Modelium log with --from-log")
     rs.add_argument("--from-log", action="store_true", help="WORKLOAD is a Modelium event log")
     rs.add_argument("--since", help="with --from-log: a seq (an integer below 10^9) or a time (epoch or ISO 8601)")

@@ -1,4 +1,4 @@
-"""The default policy: load on demand, evict the least recently used idle model when memory is
+"""``lru``: load on demand, evict the least recently used idle model when memory is
 short, unload models idle for longer than the keep-alive.
 
 On every trigger it reconciles the whole view, in this order:
