@@ -315,6 +315,8 @@ class Runner(Actor):
                 moved = await w.park()
             except Exception as exc:  # noqa: BLE001 - a failed park unloads the model
                 await self.host_allocator.ask(Release(model=self.model))
+                if getattr(w, "exited", False):
+                    await trio.sleep_forever()  # it died: watch_worker reports the crash and ends this
                 self.stop_reason = f"{d.reason}; parking failed ({exc}), so it is unloaded"
                 log.error("model %s: parking failed: %r", self.model, exc)
                 return False
@@ -351,6 +353,8 @@ class Runner(Actor):
         try:
             await w.wake()
         except Exception as exc:  # noqa: BLE001 - a failed wake unloads the model
+            if getattr(w, "exited", False):
+                await trio.sleep_forever()  # it died: watch_worker reports the crash and ends this
             self.stop_reason = f"waking it failed ({exc})"
             log.error("model %s: waking failed: %r", self.model, exc)
             return False
@@ -599,7 +603,7 @@ class Runners(Service):
             await self.router.tell(RunnerGone(model=d.model, runner=runner))
             runner.request_park(d)
             await runner.moved.wait()  # its weights left the device (or it is stopping): what waited runs
-            if runner.stop_reason is not None:  # it could not park: it unloads instead
+            if not runner.parked:  # it could not park (or its worker died): its memory goes at its end
                 await runner.done.wait()
         if device is not None:
             for _, nxt in self.execution.evicted(device):

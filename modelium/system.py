@@ -32,7 +32,7 @@ from modelium.api.server import API_CLOSE_S, serve_http
 from modelium.backends import BACKENDS, backend_class
 from modelium.core.config import Settings
 from modelium.core.memory import spare_charges
-from modelium.hardware import DeviceInfo, cpu_total_bytes, detect_devices
+from modelium.hardware import DeviceInfo, cpu_total_bytes, detect_devices, format_bytes
 from modelium.core.messages import RequestFinished, ServerStarted, ServerStopped, StopAdmitting
 from modelium.core.policies import configured_policy
 from storage.eventlog import EventLog
@@ -181,8 +181,13 @@ async def run_system(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED
     devs = devices if devices is not None else detect_devices(
         cpu_budget=settings.cpu_memory, gpu_fraction=settings.gpu_memory_fraction,
         gpu_reserve=settings.gpu_memory_reserve, fake_gpus=settings.fake_gpus, use_gpus=settings.use_gpus)
-    parking = settings.park_host_bytes > 0 and any(d.kind == "gpu" for d in devs)
+    # parking: on this machine's GPUs (a Ray cluster's workers do not park)
+    parking = settings.park_host_bytes > 0 and cluster is None and any(d.kind == "gpu" for d in devs)
     if parking:  # parked weights live in host memory: what models on the CPU may use is that much less
+        for d in devs:
+            if d.kind == "cpu" and d.budget_bytes <= settings.park_host_bytes:
+                log.warning("park_host_bytes (%s) takes all of the CPU's budget (%s): no model runs on the CPU",
+                            format_bytes(settings.park_host_bytes), format_bytes(d.budget_bytes))
         devs = [dataclasses.replace(d, budget_bytes=max(0, d.budget_bytes - settings.park_host_bytes))
                 if d.kind == "cpu" else d for d in devs]
     policy = configured_policy(settings.policy, settings.policy_settings, keep_alive_s=settings.keep_alive_s,

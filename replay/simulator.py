@@ -89,7 +89,10 @@ def devices_from_log(events: Any) -> tuple[dict[str, int], int]:
                 budgets[e.device] = e.budget_bytes
         elif isinstance(e, (Reserved, Released)) and e.model == SPARES:
             spares[e.device] = e.bytes if isinstance(e, Reserved) else 0
-    return {d: max(0, b - spares.get(d, 0)) for d, b in budgets.items()}, host
+    # a parking server's CPU budget was made park_host_bytes smaller; the simulator takes it off again
+    # when it parks (Config.park_host_bytes), so the budget it is given is the one before that
+    return {d: max(0, b - spares.get(d, 0) + (host if device_kind(d) == "cpu" else 0))
+            for d, b in budgets.items()}, host
 
 
 def parse_devices(text: str) -> dict[str, int]:
@@ -196,6 +199,10 @@ class Simulation:
         self.wakes: list[tuple[float, str]] = []  # (time, model) of each finished wake
         if config.park_host_bytes > 0:
             self.ledgers[HOST] = Ledger(HOST, config.park_host_bytes)
+            # parked weights live in host memory: the CPU's budget is that much less, as live
+            for d, ledger in self.ledgers.items():
+                if d != HOST and device_kind(d) == "cpu":
+                    ledger.budget = max(0, ledger.budget - config.park_host_bytes)
         self.memory: dict[str, list[tuple[float, int, int]]] = {d: [(self.now, 0, 0)] for d in config.devices}
         self.resident = dict.fromkeys(config.devices, 0)  # device -> bytes of its runners
         self.idle = dict.fromkeys(config.devices, 0)  # device -> bytes of its loaded models with no request
@@ -394,8 +401,7 @@ class Simulation:
     def _wake(self, d: Wake) -> None:
         r = self.runners.get(d.model)
         if r is None or not r.get("parked") or r["stopping"]:
-            self.publish(LoadFailed(ts=self.now, model=d.model, device=d.device, reason="it has no parked worker to wake"))
-            return
+            return  # its runner ended meanwhile (its terminal event says so), as live
         why = self.ledgers[d.device].resize(d.model, d.bytes)
         if why is not None:
             r["stopping"], r["reason"] = True, f"waking it failed: {why}"
@@ -534,7 +540,7 @@ class Simulation:
         self.publish(ServerStarted(pid=0, version="simulated", models_dirs=[self.w.name]))
         for name, budget in self.c.devices.items():
             self.publish(DeviceRegistered(device=name, kind=device_kind(name), name="simulated",
-                                          total_bytes=budget, budget_bytes=budget, fake=True))
+                                          total_bytes=budget, budget_bytes=self.ledgers[name].budget, fake=True))
         if HOST in self.ledgers:
             self.publish(DeviceRegistered(device=HOST, kind="host", name="simulated host memory for parked models",
                                           total_bytes=self.c.park_host_bytes, budget_bytes=self.c.park_host_bytes,

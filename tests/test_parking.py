@@ -384,26 +384,36 @@ def test_a_parked_model_wakes_beside_a_busy_one_when_what_it_lacks_is_free():
     assert kinds(out) == [("Wake", "a")]
 
 
-def test_a_parked_model_that_cannot_wake_on_its_gpu_loads_on_another_with_room():
+def test_a_parked_model_that_can_never_wake_on_its_gpu_loads_on_another_with_room():
     from modelium.core.messages import Pinned
 
-    s = scene()
-    park(s, "a")
-    loaded(s, "b", "gpu:0")
-    s.add(Pinned(model="b"))
-    s.add(ModelDiscovered(model="big", spec=msgspec.structs.replace(spec("big", 100), runtime_overhead_bytes=0)))
-    loaded(s, "big", "gpu:0")  # gpu:0: a 50 + b 200 (pinned) + big 200 of 400
-    s.events = [(q, msgspec.structs.replace(e, budget_bytes=450 * MiB) if isinstance(e, DeviceRegistered)
-                 and e.device == "gpu:0" else e) for q, e in s.events]
-    s.add(RequestArrived(model="big", request_id="r-big-busy"))  # busy: not a victim
-    s.add(DeviceRegistered(device="gpu:1", kind="gpu", total_bytes=400 * MiB, budget_bytes=400 * MiB))
-    out = decide(s, LRUPolicy(), RequestArrived(model="a", request_id="ra2"))
+    def scenario(pin_big: bool, other: str = "gpu"):
+        s = scene(gpu_mib=450)
+        park(s, "a")
+        loaded(s, "b", "gpu:0")
+        s.add(Pinned(model="b"))
+        s.add(ModelDiscovered(model="big", spec=msgspec.structs.replace(spec("big", 100), runtime_overhead_bytes=0)))
+        loaded(s, "big", "gpu:0")  # gpu:0: a 50 + b 200 (pinned) + big 200 of 450
+        s.add(RequestArrived(model="big", request_id="r-big-busy"))  # busy: not a victim now
+        if pin_big:
+            s.add(Pinned(model="big"))
+        dev = "gpu:1" if other == "gpu" else "cpu"
+        s.add(DeviceRegistered(device=dev, kind=other, total_bytes=400 * MiB, budget_bytes=400 * MiB))
+        return s, decide(s, LRUPolicy(), RequestArrived(model="a", request_id="ra2"))
+
+    # pinned models hold 400 of its GPU's 450: it can never wake there; gpu:1 has room
+    s, out = scenario(pin_big=True)
     assert kinds(out) == [("Evict", "a")]
+    assert "pinned models hold 400.0 MiB of 450.0 MiB: it can never wake there" in out[0].reason
     assert "it loads again on gpu:1, which has room" in out[0].reason
     for d in out:
         s.add(d)
     s.add(Unloaded(model="a", device="gpu:0", reason=out[0].reason))
     assert kinds(decide(s, LRUPolicy(), Tick())) == [("Load", "a")]
+    # a model that is merely busy ends soon: the parked one waits to wake (no cold load elsewhere)
+    assert scenario(pin_big=False)[1] == []
+    # and the CPU is never where a parked GPU model goes instead
+    assert scenario(pin_big=True, other="cpu")[1] == []
 
 
 def test_a_log_gives_the_simulator_its_devices_less_the_spares_and_its_host_memory():
@@ -416,7 +426,9 @@ def test_a_log_gives_the_simulator_its_devices_less_the_spares_and_its_host_memo
               DeviceRegistered(device="host", kind="host", total_bytes=10, budget_bytes=500),
               Reserved(device="cpu", model=SPARES, bytes=300), Reserved(device="gpu:0", model=SPARES, bytes=100),
               Released(device="gpu:0", model=SPARES, bytes=100), Reserved(device="cpu", model="m", bytes=50)]
-    assert devices_from_log(enumerate(events, 1)) == ({"gpu:0": 1000, "cpu": 500}, 500)
+    # the CPU's budget less the spares' 300, plus the 500 the server had taken off it for parking
+    # (the simulator takes them off again when it parks)
+    assert devices_from_log(enumerate(events, 1)) == ({"gpu:0": 1000, "cpu": 1000}, 500)
 
 
 def test_the_host_copy_of_a_real_models_weights_gives_the_same_logits():
@@ -478,3 +490,14 @@ def test_a_worker_that_dies_while_parked_is_a_crash_and_gives_back_its_host_memo
     r = server.post("/v1/completions", json={"model": "llama", "prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 200, r.text  # loaded again (other parked for it)
     assert server.get("/models/other").json()["state"] == "parked"
+
+
+def test_the_simulator_takes_parked_weights_out_of_the_cpus_budget_as_the_server_does():
+    from replay.simulator import Config, Simulation
+    from replay.workloads import load as load_workload
+
+    w = load_workload("synthetic:poisson", models=3, requests=10, seed=1)
+    sim = Simulation(w, Config(devices={"gpu:0": 40 * 10**9, "cpu": 64 * 10**9}, model_bytes=10**9,
+                               park_host_bytes=24 * 10**9))
+    assert sim.ledgers["cpu"].budget == 40 * 10**9 and sim.ledgers["gpu:0"].budget == 40 * 10**9
+    assert sim.ledgers["host"].budget == 24 * 10**9

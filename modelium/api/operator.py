@@ -67,7 +67,7 @@ def load_decision(registry: Any, name: str, device: str | None, why: str) -> Loa
     if m.state == "parked":
         if m.waiting:
             raise ModeliumError(ErrorKind.conflict, f"model {name} has {len(m.waiting)} request(s) waiting: "
-                                                    "the policy is waking it")
+                                                    "the policy wakes it for them as soon as its GPU has room")
         if device is not None and device != m.device:
             raise ModeliumError(ErrorKind.conflict, f"model {name} is parked on {m.device}: it wakes there (unload it "
                                                     f"first to load it on {device[:100]})", param="device")

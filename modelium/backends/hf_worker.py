@@ -1458,12 +1458,21 @@ def host_views(torch: Any, tensors: list[Any]) -> tuple[Any, list[Any]]:
     return buf, views
 
 
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
+
+
 def _pin(torch: Any, buf: Any) -> bool:
-    """Page-lock ``buf`` for CUDA (fast copies both ways); False when the driver refuses."""
+    """Page-lock ``buf`` for CUDA (fast copies both ways), in the current device's context (the
+    caller sets it: a thread that never did would make a context on GPU 0); False when the driver
+    refuses, its error cleared so that the next kernel launch does not find it."""
+    cudart = torch.cuda.cudart()
     try:
-        return int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)) == 0
+        ok = int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel(), HOST_REGISTER_PORTABLE)) == 0
     except Exception:  # noqa: BLE001 - an unpinned buffer still works, at pageable speed
-        return False
+        ok = False
+    if not ok and hasattr(cudart, "cudaGetLastError"):
+        cudart.cudaGetLastError()
+    return ok
 
 
 class Parking:
@@ -1476,23 +1485,26 @@ class Parking:
         self.tensors = [t for t in model_tensors(model) if t.device.type != "cpu"]
         self.bytes = sum(t.numel() * t.element_size() for t in model_tensors(model))
         self.buf, views = host_views(torch, [t.data for t in self.tensors]) if self.tensors else (None, [])
-        self.pinned = self.buf is not None and _pin(torch, self.buf)
-        for t, v in zip(self.tensors, views):
-            v.copy_(t.data, non_blocking=self.pinned)
-        if self.tensors:
+        self.pinned = False
+        if not self.tensors:
+            return  # on the CPU (or a fake GPU) the weights are in host memory already
+        with torch.cuda.device(device):  # this runs on the frames thread: its device is not set
+            self.pinned = _pin(torch, self.buf)
+            for t, v in zip(self.tensors, views):
+                v.copy_(t.data, non_blocking=self.pinned)
             torch.cuda.synchronize(device)
-        for t, v in zip(self.tensors, views):
-            t.data = v
-        if self.tensors:
+            for t, v in zip(self.tensors, views):
+                t.data = v
             torch.cuda.empty_cache()
 
     def wake(self) -> None:
-        for t in self.tensors:
-            t.data = t.data.to(self.device, non_blocking=self.pinned)
         if self.tensors:
-            self.torch.cuda.synchronize(self.device)
-        if self.pinned:
-            self.torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            with self.torch.cuda.device(self.device):
+                for t in self.tensors:
+                    t.data = t.data.to(self.device, non_blocking=self.pinned)
+                self.torch.cuda.synchronize(self.device)
+                if self.pinned:
+                    self.torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
         self.buf, self.tensors = None, []
 
 

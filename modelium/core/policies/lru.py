@@ -328,14 +328,21 @@ class LRUPolicy:
                     + f"; {n} request(s) waiting: it loads again where it fits"))
                 leaving.add(m.name)
                 return
-            if not self._wake(view, m, n, now, used, leaving, out, devices[0], idle, host):
-                # nothing on its device makes room; if another device has room now, it loads there
-                room = [d for d in elsewhere if need <= d.budget_bytes - used[d.name]]
-                if room:
+            d = devices[0]
+            if not self._wake(view, m, n, now, used, leaving, out, d, idle, host):
+                # nothing idle there makes room now. Busy models end, so it waits for them; but
+                # when pinned models hold so much of its GPU that it can never wake there, it loads
+                # on another GPU that has room now
+                pinned = sum(x.bytes for x in view.models.values() if x.device == d.name and x.name != m.name
+                             and x.state in _PLACED and self.protected(x))
+                room = [o for o in elsewhere if o.kind == "gpu" and need <= o.budget_bytes - used[o.name]]
+                if room and need > d.budget_bytes - pinned:
                     out.append(Evict(model=m.name, reason=(
-                        f"parked on {m.device}, where nothing idle makes the {format_bytes(need - m.bytes)} it needs "
-                        f"to wake; {n} request(s) waiting: it loads again on {room[0].name}, which has room")))
+                        f"parked on {d.name}, where pinned models hold {format_bytes(pinned)} of "
+                        f"{format_bytes(d.budget_bytes)}: it can never wake there (it needs {format_bytes(need)}); "
+                        f"{n} request(s) waiting: it loads again on {room[0].name}, which has room")))
                     leaving.add(m.name)
+                    used[room[0].name] += need  # kept for it: nothing else in this pass takes that room
             return
         if not devices:
             return
