@@ -332,7 +332,7 @@ def test_a_pin_holds_memory_and_survives_kill9_with_operator_decisions(make_serv
     copy_model(tiny_gpt2, server.models, "gpt2")
     server.wait_model("llama")
     server.wait_model("gpt2")
-    rc, out = cli("pin", "llama", "--url", server.url)
+    rc, out = cli("pin", "llama", "--url", server.url, "--reason", "the demo must answer at once")
     assert rc == 0 and out["action"] == "pin", out
     assert server.wait_model("llama", state="ready")["pinned"]  # loaded on a Tick, with no request
     r = server.post("/v1/completions", json={"model": "gpt2", "prompt": "hi", "max_tokens": 2})
@@ -367,6 +367,7 @@ def test_a_pin_holds_memory_and_survives_kill9_with_operator_decisions(make_serv
     assert kinds == [("Evict", "llama"), ("Load", "gpt2")]
     pinned_loads = [e for _, e in evs if isinstance(e, Load) and e.model == "llama" and e.reason.startswith("pinned")]
     assert len(pinned_loads) == 2  # once per server run
+    assert [e.reason for _, e in evs if type(e).__name__ == "Pinned"] == ["the demo must answer at once"]
     report = replay_decisions(evs)
     assert report.ok, report.summary()
     assert report.given == 2 and report.reproduced == report.logged >= 3 and report.epochs == 3

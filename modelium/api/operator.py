@@ -171,7 +171,8 @@ def add_operator_routes(app: QuartTrio, system: Any) -> None:
         out: dict[str, Any] = {"model": name, "action": action}
         if action in ("pin", "unpin"):
             _find(registry, name)
-            event = (Pinned if action == "pin" else Unpinned)(model=name, key_id=who.key_id, tenant=who.tenant)
+            event = (Pinned if action == "pin" else Unpinned)(model=name, key_id=who.key_id, tenant=who.tenant,
+                                                              reason=body.reason)
             seq = log.publish(event)
         else:
             decision = (load_decision(registry, name, body.device, why) if action == "load"

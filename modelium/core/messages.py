@@ -295,12 +295,14 @@ class Pinned(Event, frozen=True, kw_only=True):
     model: str
     key_id: str = ""
     tenant: str = ""
+    reason: str = ""  # the administrator's words (``--reason``)
 
 
 class Unpinned(Event, frozen=True, kw_only=True):
     model: str
     key_id: str = ""
     tenant: str = ""
+    reason: str = ""
 
 # runners -------------------------------------------------------------------------------------
 
