@@ -250,7 +250,7 @@ class Generated:
 
 
 def create_app(system: Any) -> QuartTrio:
-    app = QuartTrio("modelium")
+    app = QuartTrio("modelium", static_folder=None)  # the dashboard serves its own files (api.dashboard)
     settings = system.settings
     registry = system.registry
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
