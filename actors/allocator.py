@@ -16,8 +16,9 @@ import trio
 
 from actors.base import Actor, Reply
 from modelium.core.memory import SPARES, Ledger
-from modelium.hardware import DeviceError, DeviceInfo, sample
+from modelium.hardware import DeviceError, DeviceGone, DeviceInfo, sample
 from modelium.core.messages import (
+    CheckDevice,
     DeviceHealth,
     DeviceRegistered,
     DeviceSampled,
@@ -82,12 +83,13 @@ class Allocator(Actor):
         while True:
             try:
                 s = await trio.to_thread.run_sync(self.sampler or sample, self.device)
+            except DeviceGone as e:
+                self._lost(str(e))
+                s = None
             except DeviceError as e:
                 errors += 1
-                if errors == self.error_limit and self.unavailable is None:
-                    # the device is gone (or its driver): no more grants; the brain moves its models
-                    self.unavailable = f"{e} ({errors} samples in a row)"
-                    self.log.publish(DeviceHealth(device=self.device.name, available=False, reason=self.unavailable))
+                if errors == self.error_limit:
+                    self._lost(f"{e} ({errors} samples in a row)")
                 s = None
             else:
                 errors = 0
@@ -109,7 +111,22 @@ class Allocator(Actor):
                     self.ledger.budget = max(0, self.device.budget_bytes - foreign)
             await trio.sleep(self.sample_s)
 
+    def _lost(self, why: str) -> None:
+        """The device is gone (or its driver): no more grants; the brain moves its models."""
+        if self.unavailable is None:
+            self.unavailable = why
+            self.log.publish(DeviceHealth(device=self.device.name, available=False, reason=why))
+
     async def handle(self, msg: Any, reply: Reply | None) -> Any:
+        if isinstance(msg, CheckDevice):
+            if self.device.kind != "host":
+                try:
+                    await trio.to_thread.run_sync(self.sampler or sample, self.device)
+                except DeviceGone as e:
+                    self._lost(str(e))
+                except DeviceError:
+                    pass  # one failed reading proves nothing: the samples decide
+            return None
         if isinstance(msg, Reserve) and msg.measured:
             if self.ledger.adjust(msg.model, msg.bytes) is None:
                 return Refused(device=self.device.name, reason=f"{msg.model} holds nothing on {self.device.name}")

@@ -37,6 +37,7 @@ from modelium.core.memory import loaded_bytes
 from modelium.hardware import DeviceInfo, format_bytes, process_rss
 from modelium.core.messages import (
     Cancel,
+    CheckDevice,
     Done,
     Encoded,
     Evict,
@@ -72,6 +73,7 @@ HOST = "host"  # the allocator of host memory for parked weights (``park_host_by
 # a job cancelled for this reason (a Cancel's kind) ends with this status
 STATUS_OF_CANCEL = {"cancelled": "cancelled", "timeout": "timeout", "shutting_down": "cancelled"}
 CANCEL_WAIT_S = 2.0  # how long cancelled jobs may take to say they stopped
+CHECK_DEVICE_S = 5.0  # how long a crashed runner waits for its device to be read
 
 
 @dataclass(eq=False)
@@ -276,6 +278,10 @@ class Runner(Actor):
                                  detail=getattr(w, "output_tail", "")[-4000:])
         if exit_code:
             code = exit_code[0]
+            # its device may be gone with it (a cluster's node): let its allocator say so before the
+            # brain, deciding on the crash, places the model again
+            with trio.move_on_after(CHECK_DEVICE_S):
+                await self.allocator.ask(CheckDevice())
             return WorkerCrashed(model=m, device=dev, exitcode=code,
                                  reason=f"worker process exited with {_describe_exit(code)}",
                                  detail=getattr(w, "output_tail", "")[-4000:])

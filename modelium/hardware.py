@@ -190,6 +190,11 @@ class DeviceError(Exception):
     stopped answering); the message says what NVML said."""
 
 
+class DeviceGone(DeviceError):
+    """A device that is gone for certain (a cluster's node that left): unavailable at once, with
+    no more samples to wait for."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """A device's memory right now. ``foreign``: bytes held by processes that are not this

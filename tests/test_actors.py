@@ -521,3 +521,38 @@ async def test_a_gpu_that_nvml_fails_on_is_made_unavailable_and_back(tmp_path, a
         assert state.devices["gpu:0"].unavailable == ""
         n.cancel_scope.cancel()
     log.close()
+
+
+async def test_a_device_gone_for_certain_is_unavailable_at_once_and_a_crash_has_it_read_now(tmp_path, autojump_clock):
+    """A cluster node that left (``DeviceGone``) makes its device unavailable on the first reading,
+    not the third; and a runner whose worker died asks its allocator to read the device now
+    (``CheckDevice``), so the brain sees the device gone before it places the model again."""
+    from actors.allocator import Allocator
+    from modelium.core.messages import CheckDevice, DeviceHealth
+    from modelium.hardware import DeviceError, DeviceGone
+
+    state_of = {"node": "alive"}
+
+    def node(device):
+        if state_of["node"] == "gone":
+            raise DeviceGone(f"its node of {device.name} left the cluster")
+        if state_of["node"] == "flaky":
+            raise DeviceError("the cluster does not answer")
+        return None
+
+    log, state = open_log(tmp_path)
+    dev = DeviceInfo("node-a/cpu", "cpu", "a node's CPU", 8 * 2**30, 4 * 2**30)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        alloc = Supervisor(log.publish).start(n, Allocator(log, dev, state, sample_s=3600.0, sampler=node))
+        await trio.sleep(1)
+        state_of["node"] = "flaky"
+        await alloc.ask(CheckDevice())  # one failed reading proves nothing
+        assert of(log, DeviceHealth) == []
+        state_of["node"] = "gone"
+        await alloc.ask(CheckDevice())  # read now, an hour before the next sample
+        [down] = of(log, DeviceHealth)
+        assert not down.available and down.reason == "its node of node-a/cpu left the cluster"
+        assert state.devices["node-a/cpu"].unavailable == down.reason
+        n.cancel_scope.cancel()
+    log.close()

@@ -46,7 +46,7 @@ from modelium.backends.hf import BackendError, HFBackend, HFJob, msgspec_replace
 from modelium.core.cluster import node_label
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.core.messages import Done, Encoded, Failed, InferRequest, ModelLoaded, ModelSpec, Token
-from modelium.hardware import DeviceError, DeviceInfo, format_bytes, gpu_budget
+from modelium.hardware import DeviceError, DeviceGone, DeviceInfo, format_bytes, gpu_budget
 
 log = logging.getLogger("modelium.backends.ray")
 
@@ -199,9 +199,9 @@ class RayCluster:
         except Exception as e:  # noqa: BLE001 - the cluster does not answer: the device cannot be read
             raise DeviceError(f"the Ray cluster does not answer about {device.name}: {e}") from None
         if alive is None:
-            raise DeviceError(f"its node {node_label(device.node)} is no longer in the Ray cluster")
+            raise DeviceGone(f"its node {node_label(device.node)} is no longer in the Ray cluster")
         if not alive:
-            raise DeviceError(f"its node {node_label(device.node)} left the Ray cluster")
+            raise DeviceGone(f"its node {node_label(device.node)} left the Ray cluster")
         return None
 
 

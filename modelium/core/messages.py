@@ -616,6 +616,11 @@ class Release(_Msg, frozen=True, kw_only=True):
     model: str
 
 
+class CheckDevice(_Msg, frozen=True, kw_only=True):
+    """Runner -> allocator: a worker on this device died; read the device now (one that is gone
+    for certain, a cluster's node that left, is unavailable before the brain places the model again)."""
+
+
 class Granted(_Msg, frozen=True, kw_only=True):
     device: str
     bytes: int
