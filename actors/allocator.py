@@ -82,7 +82,7 @@ class Allocator(Actor):
         errors = 0
         while True:
             try:
-                s = await trio.to_thread.run_sync(self.sampler or sample, self.device)
+                s = await self._read()
             except DeviceGone as e:
                 self._lost(str(e))
                 s = None
@@ -111,6 +111,10 @@ class Allocator(Actor):
                     self.ledger.budget = max(0, self.device.budget_bytes - foreign)
             await trio.sleep(self.sample_s)
 
+    async def _read(self) -> Any:
+        """The device now (``modelium.hardware.sample``, or the sampler given: a cluster's node)."""
+        return await trio.to_thread.run_sync(self.sampler or sample, self.device)
+
     def _lost(self, why: str) -> None:
         """The device is gone (or its driver): no more grants; the brain moves its models."""
         if self.unavailable is None:
@@ -121,7 +125,7 @@ class Allocator(Actor):
         if isinstance(msg, CheckDevice):
             if self.device.kind != "host":
                 try:
-                    await trio.to_thread.run_sync(self.sampler or sample, self.device)
+                    await self._read()
                 except DeviceGone as e:
                     self._lost(str(e))
                 except DeviceError:

@@ -32,7 +32,7 @@ from modelium.api.errors import validation_error
 from modelium.api.principal import Principal, principal
 from modelium.core.errors import ErrorKind, ModeliumError
 from modelium.core.messages import OPERATOR, Evict, Load, OperatorAction, Pinned, Unpinned, Wake
-from modelium.core.policies.base import needs
+from modelium.core.policies.base import needs, wake_more, wake_of
 from modelium.hardware import format_bytes
 
 ACTIONS = ("load", "unload", "pin", "unpin")
@@ -72,15 +72,13 @@ def load_decision(registry: Any, name: str, device: str | None, why: str) -> Loa
             raise ModeliumError(ErrorKind.conflict, f"model {name} is parked on {m.device}: it wakes there (unload it "
                                                     f"first to load it on {device[:100]})", param="device")
         d = registry.devices[m.device]
-        need, free = needs(m), d.budget_bytes - registry.used_bytes(d.name)
-        if d.unavailable or need - m.bytes > free:
+        free = d.budget_bytes - registry.used_bytes(d.name)
+        if d.unavailable or wake_more(m) > free:
             raise ModeliumError(ErrorKind.conflict, (
                 f"model {name} is parked on {d.name}, which is unavailable ({d.unavailable})" if d.unavailable else
-                f"model {name} is parked on {d.name} and needs {format_bytes(need - m.bytes)} more to wake, "
+                f"model {name} is parked on {d.name} and needs {format_bytes(wake_more(m))} more to wake, "
                 f"{format_bytes(free)} free; an operator's load evicts nothing: unload a model first"))
-        return Wake(model=name, device=d.name, bytes=need, policy=OPERATOR, reason=(
-            f"{why}; parked, its weights need {format_bytes(need - m.bytes)} more on {d.name}, "
-            f"{format_bytes(free)} free"))
+        return wake_of(m, d.name, why, f"{format_bytes(free)} free", policy=OPERATOR)
     if m.state in _PLACED:
         raise ModeliumError(ErrorKind.conflict, f"model {name} is already {m.state} on {m.device}")
     if m.state not in _LOADABLE:

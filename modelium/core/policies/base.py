@@ -19,7 +19,7 @@ from modelium.core.messages import Decision, Evict, Event, Load, ModelSpec, Park
 from modelium.hardware import format_bytes
 
 __all__ = ["ClusterView", "Decision", "DeviceView", "Evict", "Load", "ModelView", "Park", "Policy", "Reject", "Wake",
-           "needed_bytes", "needs", "needs_note"]
+           "needed_bytes", "needs", "needs_note", "wake_more", "wake_of"]
 
 
 class ModelView(Protocol):
@@ -71,6 +71,17 @@ GPU_ONLY_BACKENDS = ("vllm",)  # backends that cannot run a model on the CPU
 def runs_on(m: ModelView, device: DeviceView) -> bool:
     """Whether ``m``'s backend can run it on ``device`` (vLLM needs a GPU)."""
     return device.kind == "gpu" or m.spec is None or m.spec.backend not in GPU_ONLY_BACKENDS
+
+
+def wake_more(m: ModelView) -> int:
+    """What parked ``m`` lacks on its device to wake: its need less the runtime it holds there."""
+    return max(0, needs(m) - m.bytes)
+
+
+def wake_of(m: ModelView, device: str, why: str, free: str, **kw: Any) -> Wake:
+    """The ``Wake`` of parked ``m`` on ``device``, its reason saying ``why`` and what is ``free``."""
+    return Wake(model=m.name, device=device, bytes=needs(m), reason=(
+        f"{why}; parked, its weights need {format_bytes(wake_more(m))} more on {device}, {free}"), **kw)
 
 
 def needs_note(m: ModelView) -> str:

@@ -52,6 +52,8 @@ from modelium.core.policies.base import (
     needs,
     needs_note,
     runs_on,
+    wake_more,
+    wake_of,
 )
 
 
@@ -145,11 +147,9 @@ class LRUPolicy:
         for why, m in wanted:
             if m.state == "parked" and m.name not in loading and m.spec is not None and not m.removed:
                 d = view.devices.get(m.device)
-                more = needs(m) - m.bytes
+                more = wake_more(m)
                 if d is not None and not d.unavailable and more <= d.budget_bytes - used[d.name]:
-                    out.append(Wake(model=m.name, device=d.name, bytes=needs(m), reason=(
-                        f"{why}; parked, its weights need {format_bytes(more)} more on {d.name}, "
-                        f"{format_bytes(d.budget_bytes - used[d.name])} free")))
+                    out.append(wake_of(m, d.name, why, f"{format_bytes(d.budget_bytes - used[d.name])} free"))
                     used[d.name] += more
                     loading.add(m.name)
                 continue
@@ -442,13 +442,11 @@ class LRUPolicy:
               out: list[Decision], d: Any, idle: dict[str, list[ModelView]], host: list[int]) -> bool:
         """Wake parked ``m`` on its device ``d``: it holds its runtime there, and needs the rest.
         False when nothing there makes room now (its host bytes come back at ``Woken``)."""
-        need = needs(m)
-        more = max(0, need - m.bytes)
+        more = wake_more(m)
         free = d.budget_bytes - used[d.name]
+        why = f"{n} request(s) waiting"
         if more <= free:
-            out.append(Wake(model=m.name, device=d.name, bytes=need, reason=(
-                f"{n} request(s) waiting; parked, its weights need {format_bytes(more)} more on {d.name}, "
-                f"{format_bytes(free)} free")))
+            out.append(wake_of(m, d.name, why, f"{format_bytes(free)} free"))
             used[d.name] += more
             return True
         victims = {d.name: [x for x in idle.get(d.name, ()) if x.name != m.name]}
@@ -457,9 +455,7 @@ class LRUPolicy:
             return False
         chosen, room = plan
         self._make_room(view, m, more, d, chosen, free, now, used, leaving, out, host)
-        out.append(Wake(model=m.name, device=d.name, bytes=need, reason=(
-            f"{n} request(s) waiting; parked, its weights need {format_bytes(more)} more on {d.name}, "
-            f"{format_bytes(room)} free after {_made_room(chosen)}")))
+        out.append(wake_of(m, d.name, why, f"{format_bytes(room)} free after {_made_room(chosen)}"))
         used[d.name] += more
         return True
 
