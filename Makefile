@@ -45,6 +45,8 @@ bench: $(TESTS)
 	$(PY) bench/peer.py
 	$(PY) bench/simulate.py
 	$(PY) bench/policies.py
+	$(PY) bench/sessions_bound.py
+	$(PY) bench/idle_bound.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

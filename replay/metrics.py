@@ -95,3 +95,29 @@ def per_tenant(reqs: list[Any]) -> dict[str, dict[str, Any]]:
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
+
+
+def cold_start_floor(arrivals: list[tuple[float, str]], sizes: dict[str, int], idle_gb_h: float) -> int:
+    """The fewest cold starts any policy, offline ones included, can have over ``arrivals``
+    ((time, model) pairs) when loads and services take no time and it holds at most
+    ``idle_gb_h`` of idle memory-time (model ``m`` holds ``sizes[m]`` bytes while loaded).
+
+    With no service time every loaded model is idle, and a request is warm only when its model
+    stayed loaded through the whole gap since its previous request: that gap costs its length x
+    the model's bytes of memory-time and saves one cold start. So the most warm requests a budget
+    buys is the longest run of the cheapest gaps whose costs fit in it (device capacity is
+    ignored, which only lowers the floor). Each model's first request is always cold."""
+    budget = idle_gb_h * 1e9 * 3600 * (1 + 1e-12)  # byte-seconds (GB·h rounds)
+    last: dict[str, float] = {}
+    costs: list[float] = []
+    for t, m in sorted(arrivals):
+        if m in last:
+            costs.append((t - last[m]) * sizes[m])
+        last[m] = t
+    warm, spent = 0, 0.0
+    for c in sorted(costs):
+        if spent + c > budget:
+            break
+        spent += c
+        warm += 1
+    return len(arrivals) - warm

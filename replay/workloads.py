@@ -488,6 +488,31 @@ def _cycled(name: str, values: Any, *, whole: bool) -> list | None:
     return [int(v) for v in values] if whole else [float(v) for v in values]
 
 
+def sessions(rng: random.Random, requests: int, models: int, zipf: float, rate: float, per: float,
+             think: float, *, seed: Any = 0) -> list[tuple[int, list[float]]]:
+    """The sessions of ``synthetic("sessions", ...)``: (model index, its request times), in start
+    order, until they hold at least ``requests`` requests. Sessions start as a Poisson process at
+    ``rate / per`` (times drawn from ``rng``); each asks one model (by the Zipf law, drawn from
+    its own generator seeded ``f"{seed}/models"``) a geometric number of times (mean ``per``),
+    ``think`` s (exponential, mean) apart."""
+    session_models = random.Random(f"{seed}/models")
+    weights = [1.0 / (r ** zipf) for r in range(1, models + 1)]
+    out: list[tuple[int, list[float]]] = []
+    start, total = 0.0, 0
+    while total < requests:
+        start += rng.expovariate(rate / per)
+        model = session_models.choices(range(models), weights)[0]
+        t, ts = start, []
+        while True:
+            ts.append(t)
+            if rng.random() < 1.0 / per:
+                break
+            t += rng.expovariate(1.0 / think)
+        out.append((model, ts))
+        total += len(ts)
+    return out
+
+
 def synthetic(pattern: str, *, seed: int = 0, requests: int = 1000, models: int = 10, zipf: float = 1.0,
               rate: float = 1.0, sizes: list[int] | None = None, load_s: list[float] | None = None,
               service_s: float | None = None, **params: float) -> Workload:
@@ -532,21 +557,8 @@ def synthetic(pattern: str, *, seed: int = 0, requests: int = 1000, models: int 
         per, think = _positive("session_requests", p["session_requests"]), _positive("think_s", p["think_s"])
         if per < 1:
             raise WorkloadError(f"session_requests must be at least 1, not {per!r}")
-        # sessions start as a Poisson process at rate / per; each asks one model (by the Zipf law)
-        # a geometric number of times (mean per), think_s (exponential, mean) apart
-        session_models = random.Random(f"{seed}/models")
-        weights = [1.0 / (r ** zipf) for r in range(1, models + 1)]
-        timed: list[tuple[float, int]] = []
-        start = 0.0
-        while len(timed) < requests:
-            start += rng.expovariate(rate / per)
-            model = session_models.choices(range(models), weights)[0]
-            t = start
-            while True:
-                timed.append((t, model))
-                if rng.random() < 1.0 / per:
-                    break
-                t += rng.expovariate(1.0 / think)
+        timed = [(t, model) for model, ts in sessions(rng, requests, models, zipf, rate, per, think, seed=seed)
+                 for t in ts]
         timed.sort()
         times = [t for t, _ in timed[:requests]]
         session_picks = [i for _, i in timed[:requests]]

@@ -374,6 +374,62 @@ def test_cost_aware_keeps_a_fresh_load_for_as_long_as_it_cost():
     assert kinds(out) == [("Evict", "a"), ("Load", "c")]  # b is kept for as long as its load took
 
 
+def test_cost_aware_waits_for_a_busy_model_worth_less_rather_than_evict_a_popular_one():
+    """A load that would evict a model ranking above the one it loads waits, for at most half its
+    own measured load time, while a model ranking below them is busy or loading (once idle it is
+    the victim). Hand-worked: a (10 requests) idle; b loading, c busy, d waiting (1 request each)."""
+    from modelium.core.messages import Unloaded
+
+    s = Script()
+    s.device("cpu", 300)
+    for name in "abcd":
+        s.model(name)
+    load(s, "d", load_s=4.0)  # d loaded once before: its load took 4 s, so it may wait 2 s
+    use(s, "d", "d0")
+    s.add(Evict(model="d", reason="idle"))
+    s.add(Unloaded(model="d", device="cpu", reason="idle"))
+    load(s, "a")
+    for i in range(10):
+        use(s, "a", f"a{i}")
+    load(s, "c")
+    s.add(Load(model="b", device="cpu", bytes=100 * MiB, reason=""))
+    s.add(LoadStarted(model="b", device="cpu"))
+    s.arrive("c", "c0")  # c busy (its request in flight), b loading
+    s.arrive("d", "d1")
+    assert decide(s, CostAwarePolicy()) == []  # d waits: evicting a would cost more than it saves
+    out = decide(s, CostAwarePolicy(defer_fraction=0))  # off: a goes at once
+    assert kinds(out) == [("Evict", "a"), ("Load", "d")]
+    s.finish("c", "c0")  # c idle: it is the victim, a stays
+    assert kinds(decide(s, CostAwarePolicy())) == [("Evict", "c"), ("Load", "d")]
+
+
+def test_cost_aware_waits_no_longer_than_half_its_load_time():
+    from modelium.core.messages import Unloaded
+
+    s = Script()
+    s.device("cpu", 200)
+    for name in "acd":
+        s.model(name)
+    load(s, "d", load_s=4.0)
+    use(s, "d", "d0")
+    s.add(Evict(model="d", reason="idle"))
+    s.add(Unloaded(model="d", device="cpu", reason="idle"))
+    load(s, "a")
+    for i in range(10):
+        use(s, "a", f"a{i}")
+    load(s, "c")
+    s.arrive("c", "c0")
+    s.arrive("d", "d1")
+    assert decide(s, CostAwarePolicy()) == []
+    s.add(Tick(), dt=1.5)  # 1.5 s after d's request: still within 2 s
+    assert decide(s, CostAwarePolicy()) == []
+    s.add(Tick(), dt=0.5)  # 2 s: it waited as long as it may; a goes
+    assert kinds(decide(s, CostAwarePolicy())) == [("Evict", "a"), ("Load", "d")]
+    assert "defer_fraction" in CostAwarePolicy().settings
+    with pytest.raises(ValueError, match="defer_fraction"):
+        CostAwarePolicy(defer_fraction=-1)
+
+
 def test_cost_aware_learns_each_models_keep_alive_from_its_gaps():
     s = Script(t0=0.0)
     s.device("cpu", 1000)
@@ -444,6 +500,44 @@ def test_cost_aware_closes_half_of_lrus_gap_to_the_optimum_on_the_azure_mapping(
     assert cold["cost-aware"] < min(cold["lru"], cold["ollama"], cold["seed-rules"]), cold
     assert cold["cost-aware"] <= (cold["lru"] + cold["belady"]) / 2, cold
     assert cold["belady"] <= cold["cost-aware"]
+
+
+@pytest.mark.parametrize("kind", ["conv", "code"])
+def test_cost_aware_closes_half_of_lrus_gap_with_load_times_on_the_azure_mapping(kind):
+    """With 2 s loads and 0.2 s services at memory for 8 models: a rare model's load waits for a
+    rarer one to finish rather than evict a popular one, so it beats even Belady's eviction order
+    (which minimises loads, not the requests that wait for them)."""
+    from replay.metrics import summarize
+    from replay.simulator import Config, simulate
+    from replay.workloads import ModelInfo, Workload, azure
+
+    gb = 10**9
+    trace = azure(kind, models=20, zipf=1.1, seed=0)
+    w = Workload(name=trace.name, arrivals=trace.arrivals, start=trace.start,
+                 models={m: ModelInfo(m, bytes=10 * gb, load_s=2.0) for m in trace.models})
+    cold = {p: summarize(simulate(w, Config(devices={"gpu:0": 8 * 10 * gb}, policy=p, service_s=0.2)))["cold_starts"]
+            for p in ("lru", "ollama", "seed-rules", "cost-aware", "belady")}
+    assert cold["cost-aware"] < min(cold["lru"], cold["ollama"], cold["seed-rules"]), cold
+    assert cold["cost-aware"] <= (cold["lru"] + cold["belady"]) / 2, cold
+    no_wait = summarize(simulate(w, Config(devices={"gpu:0": 8 * 10 * gb}, policy="cost-aware",
+                                           params={"defer_fraction": 0}, service_s=0.2)))["cold_starts"]
+    assert cold["cost-aware"] < no_wait, (cold, no_wait)
+
+
+def test_the_cold_start_floor_within_an_idle_memory_time_budget():
+    """Hand-worked: a at 0, 10, 11; b at 5, 105 (1 GB each). Gaps cost 10, 1 and 100 GB·s; the
+    first request of each model is always cold."""
+    from replay.metrics import cold_start_floor
+
+    arrivals = [(0.0, "a"), (10.0, "a"), (11.0, "a"), (5.0, "b"), (105.0, "b")]
+    sizes = {"a": 10**9, "b": 10**9}
+    gb_s = 1 / 3600
+    assert cold_start_floor(arrivals, sizes, 0.0) == 5
+    assert cold_start_floor(arrivals, sizes, 1 * gb_s) == 4  # the 1 s gap of a
+    assert cold_start_floor(arrivals, sizes, 10.5 * gb_s) == 4
+    assert cold_start_floor(arrivals, sizes, 11 * gb_s) == 3  # and its 10 s gap
+    assert cold_start_floor(arrivals, sizes, 111 * gb_s) == 2
+    assert cold_start_floor(arrivals, {"a": 2 * 10**9, "b": 10**9}, 2 * gb_s) == 4  # a's bytes count twice
 
 
 # -- configuration and the CLI -----------------------------------------------------------------

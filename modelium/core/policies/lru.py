@@ -383,6 +383,8 @@ class LRUPolicy:
                                 free, room))
         if options:
             *_, d, chosen, free, room = min(options, key=lambda o: o[:3])
+            if self.defer(view, m, n, d, chosen, leaving, now):
+                return  # a model worth less than the victims frees memory soon: the requests wait for it
             self._make_room(view, m, need, d, chosen, free, now, used, leaving, out, host)
             out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
                 f"{n} request(s) waiting; needs {format_bytes(need)}, {format_bytes(room)} free on "
@@ -396,6 +398,11 @@ class LRUPolicy:
                 f"model {m.name} needs {format_bytes(need)} but the largest device budget is "
                 f"{format_bytes(biggest.budget_bytes)} ({biggest.name})")))
         # otherwise memory is held by busy or loading models: the requests keep waiting
+
+    def defer(self, view: ClusterView, m: ModelView, n: int, d: Any, chosen: list, leaving: set[str],
+              now: float) -> bool:
+        """Whether ``m``'s load waits rather than evict ``chosen`` on ``d`` now (this policy: never)."""
+        return False
 
     def _victims(self, view: ClusterView, d: Any, need: int, free: int, idle: dict[str, list[ModelView]],
                  leaving: set[str], host: list[int], over: int = 0) -> tuple[list[tuple[ModelView, Any]], int] | None:
