@@ -424,7 +424,9 @@ def test_cost_aware_waits_no_longer_than_half_its_load_time():
     s.add(Tick(), dt=1.5)  # 1.5 s after d's request: still within 2 s
     assert decide(s, CostAwarePolicy()) == []
     s.add(Tick(), dt=0.5)  # 2 s: it waited as long as it may; a goes
-    assert kinds(decide(s, CostAwarePolicy())) == [("Evict", "a"), ("Load", "d")]
+    out = decide(s, CostAwarePolicy())
+    assert kinds(out) == [("Evict", "a"), ("Load", "d")]
+    assert "it waited 2.0 s, its most (0.5 x its 4.0 s load), for c (loading or busy" in out[1].reason
     assert "defer_fraction" in CostAwarePolicy().settings
     with pytest.raises(ValueError, match="defer_fraction"):
         CostAwarePolicy(defer_fraction=-1)

@@ -206,25 +206,30 @@ class CostAwarePolicy(LRUPolicy):
         return (self.priorities.get(m.name, 0), young, self.score(m, now), m.last_used, m.name)
 
     def defer(self, view: ClusterView, m: ModelView, n: int, d: Any, chosen: list, leaving: set[str],
-              now: float) -> bool:
+              now: float) -> tuple[bool, str]:
         """Admission: ``m``'s requests wait rather than evict models that rank above ``m`` itself
         in victim order, while a model on ``d`` that ranks below them is loading or busy (once
         idle, it is the victim instead), for at most ``defer_fraction`` x ``m``'s measured load
         time since its oldest waiting request. Those requests are cold starts either way; the
-        models spared are not."""
+        models spared are not. When it has waited that long, words for the load's reason."""
         window = self.defer_fraction * m.load_s
         if window <= 0:
-            return False
-        recent = m.recent  # its waiting requests are its latest arrivals
-        oldest = recent[-n] if 0 < n <= len(recent) else (recent[0] if recent else now)
-        if now - oldest >= window:
-            return False
+            return False, ""
         worst = max(self.victim_key(x, now) for x, _ in chosen)
         if self.victim_key(m, now) >= worst:
-            return False
-        return any(x.device == d.name and x.name != m.name and x.name not in leaving and not self.protected(x)
-                   and (x.state == "loading" or x.state == "ready" and x.pending) and self.victim_key(x, now) < worst
-                   for x in view.models.values())
+            return False, ""
+        below = sorted(x.name for x in view.models.values()
+                       if x.device == d.name and x.name != m.name and x.name not in leaving and not self.protected(x)
+                       and (x.state == "loading" or x.state == "ready" and x.pending) and self.victim_key(x, now) < worst)
+        if not below:
+            return False, ""
+        recent = m.recent  # its waiting requests are its latest arrivals
+        oldest = recent[-n] if 0 < n <= len(recent) else (recent[0] if recent else now)
+        if now - oldest < window:
+            return True, ""
+        return False, (f"; it waited {now - oldest:.1f} s, its most ({self.defer_fraction:g} x its "
+                       f"{m.load_s:.1f} s load), for {', '.join(below)} (loading or busy, ranking below) "
+                       f"rather than evict at once")
 
     def victim_reason(self, m: ModelView, now: float, device: str) -> str:
         f, c = self.frequency(m, now), self.cost(m)

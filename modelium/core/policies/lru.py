@@ -383,13 +383,14 @@ class LRUPolicy:
                                 free, room))
         if options:
             *_, d, chosen, free, room = min(options, key=lambda o: o[:3])
-            if self.defer(view, m, n, d, chosen, leaving, now):
-                return  # a model worth less than the victims frees memory soon: the requests wait for it
+            wait, waited = self.defer(view, m, n, d, chosen, leaving, now)
+            if wait:
+                return  # a model ranking below the victims frees memory soon: the requests wait for it
             self._make_room(view, m, need, d, chosen, free, now, used, leaving, out, host)
             out.append(Load(model=m.name, device=d.name, bytes=need, reason=(
                 f"{n} request(s) waiting; needs {format_bytes(need)}, {format_bytes(room)} free on "
                 f"{d.name} after {_made_room(chosen)}"
-                + (f" (at most {limits[d.name]} models on {d.name})" if over > 0 else ""))))
+                + (f" (at most {limits[d.name]} models on {d.name})" if over > 0 else "") + waited)))
             used[d.name] += need
             return
         biggest = max(devices, key=lambda d: d.budget_bytes)
@@ -400,9 +401,10 @@ class LRUPolicy:
         # otherwise memory is held by busy or loading models: the requests keep waiting
 
     def defer(self, view: ClusterView, m: ModelView, n: int, d: Any, chosen: list, leaving: set[str],
-              now: float) -> bool:
-        """Whether ``m``'s load waits rather than evict ``chosen`` on ``d`` now (this policy: never)."""
-        return False
+              now: float) -> tuple[bool, str]:
+        """Whether ``m``'s load waits rather than evict ``chosen`` on ``d`` now (this policy: never),
+        and words for the load's reason when it waited and waits no longer."""
+        return False, ""
 
     def _victims(self, view: ClusterView, d: Any, need: int, free: int, idle: dict[str, list[ModelView]],
                  leaving: set[str], host: list[int], over: int = 0) -> tuple[list[tuple[ModelView, Any]], int] | None:
