@@ -374,17 +374,16 @@ def test_cost_aware_keeps_a_fresh_load_for_as_long_as_it_cost():
     assert kinds(out) == [("Evict", "a"), ("Load", "c")]  # b is kept for as long as its load took
 
 
-def test_cost_aware_waits_for_a_busy_model_worth_less_rather_than_evict_a_popular_one():
-    """A load that would evict a model ranking above the one it loads waits, for at most half its
-    own measured load time, while a model ranking below them is busy or loading (once idle it is
-    the victim). Hand-worked: a (10 requests) idle; b loading, c busy, d waiting (1 request each)."""
+def popular_a_and_once_loaded_d(names: str, mib: int) -> Script:
+    """A device of ``mib`` MiB; d loaded once (its load took 4 s, so it may wait 2 s) and
+    unloaded; a loaded and asked 10 times; c loaded."""
     from modelium.core.messages import Unloaded
 
     s = Script()
-    s.device("cpu", 300)
-    for name in "abcd":
+    s.device("cpu", mib)
+    for name in names:
         s.model(name)
-    load(s, "d", load_s=4.0)  # d loaded once before: its load took 4 s, so it may wait 2 s
+    load(s, "d", load_s=4.0)
     use(s, "d", "d0")
     s.add(Evict(model="d", reason="idle"))
     s.add(Unloaded(model="d", device="cpu", reason="idle"))
@@ -392,6 +391,14 @@ def test_cost_aware_waits_for_a_busy_model_worth_less_rather_than_evict_a_popula
     for i in range(10):
         use(s, "a", f"a{i}")
     load(s, "c")
+    return s
+
+
+def test_cost_aware_waits_for_a_busy_model_worth_less_rather_than_evict_a_popular_one():
+    """A load that would evict a model ranking above the one it loads waits, for at most half its
+    own measured load time, while a model ranking below them is busy or loading (once idle it is
+    the victim). Hand-worked: a (10 requests) idle; b loading, c busy, d waiting (1 request each)."""
+    s = popular_a_and_once_loaded_d("abcd", 300)
     s.add(Load(model="b", device="cpu", bytes=100 * MiB, reason=""))
     s.add(LoadStarted(model="b", device="cpu"))
     s.arrive("c", "c0")  # c busy (its request in flight), b loading
@@ -404,20 +411,7 @@ def test_cost_aware_waits_for_a_busy_model_worth_less_rather_than_evict_a_popula
 
 
 def test_cost_aware_waits_no_longer_than_half_its_load_time():
-    from modelium.core.messages import Unloaded
-
-    s = Script()
-    s.device("cpu", 200)
-    for name in "acd":
-        s.model(name)
-    load(s, "d", load_s=4.0)
-    use(s, "d", "d0")
-    s.add(Evict(model="d", reason="idle"))
-    s.add(Unloaded(model="d", device="cpu", reason="idle"))
-    load(s, "a")
-    for i in range(10):
-        use(s, "a", f"a{i}")
-    load(s, "c")
+    s = popular_a_and_once_loaded_d("acd", 200)
     s.arrive("c", "c0")
     s.arrive("d", "d1")
     assert decide(s, CostAwarePolicy()) == []
