@@ -36,8 +36,9 @@ from modelium.core.messages import (
     ServerStopped,
     Submit,
     Tick,
+    Unloaded,
 )
-from modelium.core.policies import LRUPolicy
+from modelium.core.policies import CostAwarePolicy, LRUPolicy
 from modelium.hardware import DeviceInfo
 from modelium.system import run_system
 from storage.eventlog import EventLog, FoldError, ProjectionError, read_events
@@ -185,6 +186,60 @@ async def test_the_brain_unloads_an_idle_model_after_the_keep_alive(tmp_path, au
         assert 60 <= waited <= 66  # the first tick after the keep-alive
         assert evict.reason.startswith("idle for 6") and "keep-alive 60 s" in evict.reason
         assert brain.decisions == 2
+        n.cancel_scope.cancel()
+    log.close()
+
+
+@pytest.mark.parametrize("c_finishes", [True, False])
+async def test_the_brain_lets_a_load_wait_for_a_busy_model_and_asks_again_when_it_ends(
+        tmp_path, autojump_clock, c_finishes):
+    """cost-aware: d's load would evict a (asked 10 times) while c (asked once) is busy, so d
+    waits. When c's request ends, c is the victim at once; when it does not, a goes at the first
+    Tick after half d's 4 s load (2 s)."""
+    mib = 1024 * 1024
+    log, state = open_log(tmp_path)
+    sup = Supervisor(log.publish)
+    async with trio.open_nursery() as n:
+        await n.start(log.run)
+        log.publish(DeviceRegistered(device="cpu", kind="cpu", total_bytes=10**9, budget_bytes=200 * mib))
+        for name in "acd":
+            log.publish(ModelDiscovered(model=name, spec=spec(name)))
+
+        def loaded(name, load_s=1.0):
+            log.publish(Load(model=name, device="cpu", bytes=100 * mib, reason="set-up"))
+            log.publish(LoadStarted(model=name, device="cpu"))
+            log.publish(LoadCompleted(model=name, device="cpu", load_s=load_s))
+
+        loaded("d", load_s=4.0)
+        log.publish(Evict(model="d", reason="set-up"))
+        log.publish(Unloaded(model="d", device="cpu"))
+        loaded("a")
+        for i in range(10):
+            log.publish(RequestArrived(model="a", request_id=f"a{i}"))
+            log.publish(RequestFinished(model="a", request_id=f"a{i}", status="ok"))
+        loaded("c")
+        log.publish(RequestArrived(model="c", request_id="c0"))
+        sup.start(n, Brain(log, state, CostAwarePolicy()))
+        sup.start(n, Ticker(log, 5.0))
+        await trio.sleep(1)
+        before = len(of(log, Evict))
+        log.publish(RequestArrived(model="d", request_id="d0"))
+        asked = trio.current_time()
+        await trio.sleep(0.5)
+        assert len(of(log, Evict)) == before  # d waits
+        if c_finishes:
+            log.publish(RequestFinished(model="c", request_id="c0", status="ok"))
+        while len(of(log, Evict)) == before:
+            await trio.sleep(0.1)
+        evict = of(log, Evict)[-1]
+        load = of(log, Load)[-1]
+        waited = trio.current_time() - asked
+        assert load.model == "d"
+        if c_finishes:
+            assert evict.model == "c" and waited < 1
+        else:
+            assert evict.model == "a" and 2 <= waited <= 7  # the first Tick after 2 s
+            assert "for c (loading or busy, ranking below)" in load.reason
         n.cancel_scope.cancel()
     log.close()
 
